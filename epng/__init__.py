@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/08_api.ipynb #eef63407
+# %% ../nbs/08_api.ipynb #8d26f0b9
 from .moe import (EPnGError, NoMoELayerError, UnsupportedExpertsError, MoELayer, TARGETS, PAPER_MODELS,
                       find_moe_layers, tiny_moe_config, offline_config, trainable_share)
 from .gates import GateCollector, gate_stats, plot_expert_heatmap

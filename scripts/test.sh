@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every test of the project: install, check that the exported library and the notebooks are clean,
+# run the notebooks (nbdev_test) and the pytest suites. CI (.ci/run) calls this same script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
+
+python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev]"
+
+state() { git status --porcelain -- nbs epng; git diff -- nbs epng; }
+before=$(state)
+nbdev_export
+nbdev_clean
+if [ "$(state)" != "$before" ]; then
+    echo "nbdev_export or nbdev_clean changed files under nbs/ or epng/: run both and commit the result." >&2
+    git status --short -- nbs epng >&2
+    exit 1
+fi
+
+nbdev_test --n_workers 2 --timing
+python -m pytest tests -q

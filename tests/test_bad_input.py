@@ -1,0 +1,93 @@
+"Every refused input raises an EPnGError whose message says what to change."
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+import epng
+
+
+def test_model_without_moe_layer():
+    dense = AutoModelForCausalLM.from_config(CONFIG_MAPPING["llama"](
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(epng.NoMoELayerError, match="OLMoE, Qwen2-MoE"):
+        epng.attach(dense)
+
+
+@pytest.mark.parametrize("flag, message", [("is_transposed", "transposed"), ("is_concatenated", "interleaved"),
+                                           ("has_gate", "no gate projection"), ("has_bias", "biases")])
+def test_unsupported_expert_layout(tiny, flag, message):
+    model = tiny()
+    experts = model.model.layers[0].mlp.experts
+    setattr(experts, flag, not getattr(experts, flag))
+    with pytest.raises(epng.UnsupportedExpertsError, match=message):
+        epng.attach(model)
+
+
+def test_transformers_v4_expert_list():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+    with pytest.raises(epng.UnsupportedExpertsError, match="list of modules"):
+        epng.find_moe_layers(Block())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(alpha=0.0), "alpha"), (dict(alpha=1.0), "alpha"), (dict(beta=-0.1), "beta"), (dict(beta=1.0), "beta"),
+    (dict(alpha=0.6, beta=0.5), "alpha \\+ beta"), (dict(rank=0), "rank"), (dict(rank=2.5), "rank"),
+    (dict(targets=("gate_proj", "k_proj")), "targets"), (dict(targets=()), "targets"),
+    (dict(targets=("up_proj", "up_proj")), "targets"), (dict(interval=0), "interval"), (dict(decay=1.5), "decay"),
+    (dict(max_rank=4), "max_rank"), (dict(lora_alpha=0), "lora_alpha")])
+def test_invalid_config(kwargs, message):
+    with pytest.raises(epng.EPnGError, match=message):
+        epng.EPnGConfig(**kwargs)
+
+
+def test_valid_edge_config():
+    cfg = epng.EPnGConfig(alpha=0.5, beta=0.5, decay=0.0, warmup_steps=0)
+    assert cfg.alpha + cfg.beta == 1
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda h: h.prune(2, 0), "MoE layer 2 does not exist"), (lambda h: h.prune(-1, 0), "does not exist"),
+    (lambda h: h.grow(0, 8, 1), "expert 8 does not exist"), (lambda h: h.grow(1, 0, -3), ">= 1"),
+    (lambda h: h.grow(0, 0, 1000), "max_rank"), (lambda h: h.factors(0, 0, "down_proj"), "adapted targets"),
+    (lambda h: h.prune(0.5, 0), "does not exist")])
+def test_prune_grow_outside_the_model(tiny, call, message):
+    h = epng.attach(tiny())
+    with pytest.raises(epng.EPnGError, match=message):
+        call(h)
+
+
+def test_unknown_model_id():
+    with pytest.raises(epng.EPnGError, match="no offline config"):
+        epng.offline_config("allenai/OLMoE-1B-7B-0924-Instruct-typo")
+
+
+def test_unknown_tiny_architecture():
+    with pytest.raises(epng.EPnGError, match="unknown architecture"):
+        epng.tiny_moe_config("gpt2")
+
+
+def test_importance_before_any_token(tiny):
+    h = epng.attach(tiny())
+    with pytest.raises(epng.EPnGError, match="seen no token"):
+        h.plan()
+
+
+def test_plan_for_other_ranks(tiny):
+    model = tiny()
+    h = epng.attach(model)
+    model.train()
+    ids = torch.randint(3, 256, (2, 8))
+    model(input_ids=ids)
+    plan = h.plan()
+    h.prune(0, 0)
+    with pytest.raises(epng.EPnGError, match="make a new plan"):
+        h.apply(plan)
+
+
+def test_budget_that_cannot_be_met():
+    importance = torch.rand(1, 4)
+    with pytest.raises(epng.BudgetError, match="max_rank"):
+        epng.plan_cycle(importance, torch.full((1, 4), 8), 0.5, 0.25, max_rank=8)

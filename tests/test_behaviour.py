@@ -1,0 +1,136 @@
+"End-to-end behaviour of the building blocks on small real-architecture models."
+import copy, subprocess, sys
+import pytest
+import torch
+import epng
+
+
+def _train(model, h, steps, ids, weight_decay=0.1):
+    opt = torch.optim.AdamW(h.parameters(), lr=1e-2, weight_decay=weight_decay)
+    h.bind_optimizer(opt)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward(); opt.step(); opt.zero_grad()
+        losses.append(loss.item())
+    return opt, losses
+
+
+def test_padding_does_not_count(tiny):
+    model = tiny()
+    h = epng.attach(model)
+    model.train()
+    ids = torch.randint(3, 256, (1, 10))
+    model(input_ids=ids[:, :7])
+    unpadded = h.importance.state_dict()
+    h.importance.decay(0.0)
+    padded = torch.cat([ids[:, :7], torch.zeros(1, 3, dtype=torch.long)], 1)
+    model(input_ids=padded, attention_mask=torch.tensor([[1] * 7 + [0] * 3]))
+    assert torch.equal(h.importance.counts, unpadded["counts"])
+    torch.testing.assert_close(h.importance.sums, unpadded["sums"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_counts_once(tiny, reentrant):
+    model = tiny()
+    h = epng.attach(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    model.train()
+    ids = torch.randint(3, 256, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert h.importance.counts.tolist() == [12.0, 12.0]
+    assert all(p.grad is not None for p in h.parameters())
+
+
+def test_generate_and_eval_leave_statistics_alone(tiny):
+    model = tiny()
+    h = epng.attach(model)
+    model.eval()
+    out = model.generate(torch.randint(3, 256, (2, 4)), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 7)
+    assert h.importance.counts.sum() == 0
+
+
+def test_bf16_model_keeps_fp32_factors(tiny):
+    model = tiny()
+    ref = copy.deepcopy(model)
+    h = epng.attach(model.to(torch.bfloat16))
+    epng.attach(ref)
+    assert all(p.dtype == torch.float32 for p in h.parameters())
+    ids = torch.randint(3, 256, (2, 8))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert loss.dtype == torch.float32 or loss.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad).all() for p in h.parameters())
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits.float() - ref(input_ids=ids).logits).abs().max()
+    assert diff < 0.1  # bf16 rounding only
+
+
+def test_pruned_slots_stay_exactly_zero_under_adamw(tiny):
+    model = tiny()
+    h = epng.attach(model)
+    ids = torch.randint(3, 256, (4, 12))
+    _train(model, h, 3, ids)
+    h.prune(1, 4)
+    _train(model, h, 5, ids)  # a new optimizer: fresh state, weight decay on
+    for p in h.loras[1].parameters():
+        assert p.detach()[4].abs().sum() == 0
+
+
+def test_cycles_keep_budget_and_training_continues(tiny):
+    model = tiny("qwen2_moe", num_experts=16)
+    shared_before = copy.deepcopy(model.model.layers[0].mlp.shared_expert.state_dict())
+    h = epng.attach(model, epng.EPnGConfig(rank=4, lora_alpha=8))
+    budget, params = h.budget, h.num_trainable()
+    ids = torch.randint(3, 256, (4, 16))
+    opt, losses = _train(model, h, 4, ids)
+    for _ in range(4):
+        plan = h.cycle()
+        assert int(plan.pruned.sum()) > 0 and int(plan.grown.sum()) > 0
+        assert int(h.ranks.sum()) == budget and h.num_trainable() == params
+        model.train()
+        for _ in range(3):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward(); opt.step(); opt.zero_grad()
+            losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    for k, v in model.model.layers[0].mlp.shared_expert.state_dict().items():
+        assert torch.equal(v, shared_before[k])
+
+
+def test_share_counting_agrees_with_the_handle(tiny):
+    model = tiny("qwen3_moe")
+    cfg = epng.EPnGConfig(rank=4, targets=("gate_proj", "up_proj", "down_proj"))
+    share = epng.trainable_share(model.config, rank=4, targets=cfg.targets)
+    total = sum(p.numel() for p in model.parameters())
+    h = epng.attach(model, cfg)
+    assert h.num_trainable() == round(share * total)
+
+
+def test_merged_model_matches_and_is_plain(tiny):
+    model = tiny("mixtral")
+    h = epng.attach(model, epng.EPnGConfig(rank=4))
+    ids = torch.randint(3, 256, (2, 8))
+    _train(model, h, 3, ids)
+    h.grow(0, 1, 5); h.prune(1, 2)
+    merged = h.merged_model()
+    model.eval(); merged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert merged.config._experts_implementation == "grouped_mm"
+    assert not [n for n in merged.state_dict() if "epng" in n]
+    model.train(); model(input_ids=ids)  # the handle still collects after merging
+    assert h.importance.counts.sum() > 0
+
+
+def test_demo_command(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "epng.cli", "demo", "--steps", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "layer |" in out.stdout and "figures saved in" in out.stdout
+    assert (tmp_path / "importance_and_ranks.png").stat().st_size > 10_000
