@@ -63,7 +63,6 @@ def test_bf16_model_keeps_fp32_factors(tiny):
     model.train()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert loss.dtype == torch.float32 or loss.dtype == torch.bfloat16
     assert all(torch.isfinite(p.grad).all() for p in h.parameters())
     with torch.no_grad():
         diff = (model(input_ids=ids).logits.float() - ref(input_ids=ids).logits).abs().max()
