@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt
 from .moe import EPnGError, check_targets
 
 # %% auto #0
-__all__ = ['EPnGConfig', 'ranked_experts', 'select_prune', 'select_grow', 'BudgetError', 'deal_ranks', 'CyclePlan', 'plan_cycle',
-           'synthetic_importance', 'plot_plan', 'selection_explorer']
+__all__ = ['EPnGConfig', 'ranked_experts', 'select_prune', 'growth_candidates', 'select_grow', 'BudgetError', 'deal_ranks',
+           'CyclePlan', 'plan_cycle', 'synthetic_importance', 'plot_plan', 'selection_explorer']
 
 # %% ../nbs/03_selection.ipynb #92f8e0a0
 @dataclass
@@ -68,11 +68,14 @@ def select_prune(importance: torch.Tensor, ranks: torch.Tensor, alpha: float) ->
     pruned[chosen] = True
     return pruned.view(importance.shape)
 
+def growth_candidates(importance: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    "Flat indices of all experts not in `exclude`, most important first."
+    order = ranked_experts(importance, descending=True)
+    return order if exclude is None else order[~exclude.flatten().cpu()[order]]
+
 def select_grow(importance: torch.Tensor, beta: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
     "Flat indices of the ⌈β · #experts⌉ most important experts not in `exclude`, most important first (eq. 9)."
-    order = ranked_experts(importance, descending=True)
-    if exclude is not None: order = order[~exclude.flatten().cpu()[order]]
-    return order[:_count(beta, importance.numel(), math.ceil)]
+    return growth_candidates(importance, exclude)[:_count(beta, importance.numel(), math.ceil)]
 
 # %% ../nbs/03_selection.ipynb #2dab78af
 class BudgetError(EPnGError):
@@ -133,8 +136,7 @@ def plan_cycle(importance: torch.Tensor, ranks: torch.Tensor, alpha: float, beta
     order = select_grow(importance, beta, exclude=pruned) if grow else torch.zeros(0, dtype=torch.long)
     freed = int(ranks[pruned].sum())
     base = torch.where(pruned, 0, ranks)
-    rest = ranked_experts(importance, descending=True)   # budget-neutral: past G when max_rank fills it
-    rest = rest[~pruned.flatten()[rest]]
+    rest = growth_candidates(importance, exclude=pruned)  # budget-neutral: past G when max_rank fills it
     added = (deal_ranks(freed, order, base, max_rank, delta, limit_to_freed=prune, spill=rest) if grow
              else torch.zeros_like(ranks))  # prune-only: freed ranks leave the budget
     tau_p = float(importance[pruned].max()) if pruned.any() else math.nan

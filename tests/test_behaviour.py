@@ -5,9 +5,11 @@ import torch
 import epng
 
 
-def _train(model, h, steps, ids, weight_decay=0.1):
-    opt = torch.optim.AdamW(h.parameters(), lr=1e-2, weight_decay=weight_decay)
-    h.bind_optimizer(opt)
+def _train(model, h, steps, ids, opt=None):
+    "`steps` AdamW steps on `ids`; a new optimizer (bound to the handle) unless `opt` is given."
+    if opt is None:
+        opt = torch.optim.AdamW(h.parameters(), lr=1e-2, weight_decay=0.1)
+        h.bind_optimizer(opt)
     model.train()
     losses = []
     for _ in range(steps):
@@ -91,11 +93,7 @@ def test_cycles_keep_budget_and_training_continues(tiny):
         plan = h.cycle()
         assert int(plan.pruned.sum()) > 0 and int(plan.grown.sum()) > 0
         assert int(h.ranks.sum()) == budget and h.num_trainable() == params
-        model.train()
-        for _ in range(3):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward(); opt.step(); opt.zero_grad()
-            losses.append(loss.item())
+        losses += _train(model, h, 3, ids, opt)[1]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     for k, v in model.model.layers[0].mlp.shared_expert.state_dict().items():
