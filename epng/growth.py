@@ -18,9 +18,9 @@ from .lora import (ExpertLoRA, kaiming_rows, round_up, install_expert_lora, merg
 __all__ = ['orthogonal_rows', 'zero_slots', 'grow_capacity', 'rank_limit', 'prune_expert', 'grow_expert', 'EPnGHandle', 'attach']
 
 # %% ../nbs/05_growth.ipynb #8eca8580
-def orthogonal_rows(existing: torch.Tensor, n: int) -> torch.Tensor:
+def orthogonal_rows(existing: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     "`n` new LoRA A rows, Kaiming-uniform, projected off the span of the rows of `existing` (r × in)."
-    new = kaiming_rows(n, existing.shape[-1], dtype=torch.float32, device=existing.device)
+    new = kaiming_rows(n, existing.shape[-1], dtype=torch.float32, device=existing.device, generator=generator)
     if existing.shape[0]:
         q, _ = torch.linalg.qr(existing.detach().float().T)   # (in, r): orthonormal basis of the existing rows
         new = new - (new @ q) @ q.T
@@ -84,7 +84,7 @@ def prune_expert(lora: ExpertLoRA, expert: int, optimizer=None) -> None:
     lora.ranks[expert] = 0
 
 @torch.no_grad()
-def grow_expert(lora: ExpertLoRA, expert: int, n: int, optimizer=None) -> None:
+def grow_expert(lora: ExpertLoRA, expert: int, n: int, optimizer=None, generator: torch.Generator | None = None) -> None:
     "Add `n` ranks to `expert`: orthogonal Kaiming A rows, zero B columns, zero optimizer state for them."
     r = int(lora.ranks[expert])
     if r + n > rank_limit(lora):
@@ -94,7 +94,7 @@ def grow_expert(lora: ExpertLoRA, expert: int, n: int, optimizer=None) -> None:
     zero_slots(lora, expert, r, r + n, optimizer)
     for target in lora.shapes:
         a = lora.A[target]
-        a.data[expert, r:r + n] = orthogonal_rows(a.data[expert, :r], n)
+        a.data[expert, r:r + n] = orthogonal_rows(a.data[expert, :r], n, generator)
     lora.ranks[expert] = r + n
 
 # %% ../nbs/05_growth.ipynb #b56ff187
@@ -149,13 +149,13 @@ class EPnGHandle:
         "Remove the LoRA of `expert` in MoE layer `layer` (rank → 0)."
         prune_expert(self._check(layer, expert), expert, self.optimizer)
 
-    def grow(self, layer: int, expert: int, n: int) -> None:
-        "Add `n` orthogonally initialised ranks to `expert` in MoE layer `layer`."
+    def grow(self, layer: int, expert: int, n: int, generator: torch.Generator | None = None) -> None:
+        "Add `n` orthogonally initialised ranks to `expert` in MoE layer `layer` (new rows drawn from `generator`)."
         lora = self._check(layer, expert)
         if not (isinstance(n, int) and n >= 1): raise EPnGError(f"grow needs a whole number of ranks >= 1, got {n!r}")
         if int(lora.ranks[expert]) + n > self.max_rank:
             raise EPnGError(f"growing expert ({layer}, {expert}) by {n} passes max_rank={self.max_rank}.")
-        grow_expert(lora, expert, n, self.optimizer)
+        grow_expert(lora, expert, n, self.optimizer, generator)
 
     def factors(self, layer: int, expert: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
         "The active `(A: r × in, B: out × r)` of one expert's target projection (detached views)."
@@ -170,17 +170,17 @@ class EPnGHandle:
         return plan_cycle(self.importance.mean(), self.ranks, self.config.alpha, self.config.beta,
                           max_rank=self.max_rank, prune=prune, grow=grow, delta=delta)
 
-    def apply(self, plan: CyclePlan) -> None:
-        "Carry out `plan`: prune, then grow."
+    def apply(self, plan: CyclePlan, generator: torch.Generator | None = None) -> None:
+        "Carry out `plan`: prune, then grow (new A rows drawn from `generator`, the global RNG if None)."
         if not torch.equal(plan.ranks_before, self.ranks):
             raise EPnGError("this plan was made for other ranks than the model has now: make a new plan.")
         for layer, expert in plan.pruned.nonzero().tolist(): self.prune(layer, expert)
-        for layer, expert in plan.added.nonzero().tolist(): self.grow(layer, expert, int(plan.added[layer, expert]))
+        for layer, expert in plan.added.nonzero().tolist(): self.grow(layer, expert, int(plan.added[layer, expert]), generator)
 
-    def cycle(self, **plan_kwargs) -> CyclePlan:
+    def cycle(self, generator: torch.Generator | None = None, **plan_kwargs) -> CyclePlan:
         "One prune-and-grow cycle: plan from importance, apply, decay the statistics by λ."
         plan = self.plan(**plan_kwargs)
-        self.apply(plan)
+        self.apply(plan, generator)
         self.importance.decay(self.config.decay)
         return plan
 

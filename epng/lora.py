@@ -15,10 +15,12 @@ __all__ = ['EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'ExpertLoRA', 'exp
            'set_experts_implementation', 'lora_dtype', 'install_expert_lora', 'merge_expert_lora']
 
 # %% ../nbs/04_expert_lora.ipynb #e0ea4f78
-def kaiming_rows(*shape: int, dtype=torch.float32, device=None) -> torch.Tensor:
+def kaiming_rows(*shape: int, dtype=torch.float32, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
     "Rows drawn like LoRA's A (`kaiming_uniform_(a=sqrt(5))`): uniform on ±1/sqrt(in), `in` = the last dimension."
     bound = 1 / math.sqrt(shape[-1])
-    return torch.empty(*shape, dtype=dtype, device=device).uniform_(-bound, bound)
+    if generator is not None and generator.device != torch.device(device or "cpu"):  # draw where the generator lives
+        return kaiming_rows(*shape, dtype=dtype, generator=generator, device=generator.device).to(device)
+    return torch.empty(*shape, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
 
 def round_up(n: int, multiple: int = 8) -> int:
     "Smallest multiple of `multiple` >= n (rank storage stays 16-byte aligned for grouped matmuls)."
