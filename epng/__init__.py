@@ -14,3 +14,9 @@ from .importance import ExpertImportance, NonFiniteStatisticsError
 from .selection import EPnGConfig, CyclePlan, BudgetError, plan_cycle, selection_explorer, synthetic_importance
 from .lora import ExpertLoRA, EPNG_IMPLEMENTATION
 from .growth import EPnGHandle, attach
+from .data import load_rows, byte_tokenizer, SFTDataset, collate, make_batches, embedded_dataset
+from .loop import (METHODS, LORA_METHODS, EPnGController, EPnGCallback, CycleRecord, plot_cycle_history,
+                       plot_importance_shift, plot_losses)
+from .baselines import attach_esft, attach_fft, esft_scores, select_esft_experts
+from .checkpoint import save_adapter, load_adapter, load_adapter_into, export_peft
+from .train import TrainArgs, train

@@ -105,18 +105,19 @@ def expert_offsets(sorted_expert_ids: torch.Tensor, num_experts: int) -> torch.T
 
 def epng_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
-    "transformers' grouped experts forward plus per-expert, variable-rank LoRA (`self.epng_lora`)."
-    lora = getattr(self, "epng_lora", None)
-    if lora is None: return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    "transformers' grouped experts forward plus per-expert LoRA (`self.epng_lora`) and/or expert deltas (`self.epng_esft`)."
+    lora, extra = getattr(self, "epng_lora", None), getattr(self, "epng_esft", None)
+    if lora is None and extra is None: return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     num_tokens, top_k = top_k_index.shape
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     token_of_row = perm // top_k
     x = hidden_states[token_of_row]
     offsets = expert_offsets(expert_ids, self.num_experts)
-    live = lora.live(expert_ids, x.dtype)
+    live = lora.live(expert_ids, x.dtype) if lora is not None else None
+    routed = extra.route(expert_ids) if extra is not None else None  # the extra term's own rows and offsets
 
     gate_up = _grouped_linear(x, self.gate_up_proj, offsets)
-    if lora.gate_up_targets:
+    if lora is not None and lora.gate_up_targets:
         per_token = lora.token_level_a(x.device, len(lora.gate_up_targets) * lora.capacity)
         delta = lora.delta(lora.gate_up_targets, x, offsets, live,
                            (hidden_states, token_of_row, expert_ids) if per_token else None)
@@ -124,9 +125,11 @@ def epng_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
         if lora.gate_up_targets == ("gate_proj",): delta = nn.functional.pad(delta, (0, half))
         elif lora.gate_up_targets == ("up_proj",): delta = nn.functional.pad(delta, (half, 0))
         gate_up = gate_up.add_(delta)  # in place: the grouped matmul's backward does not need its output
+    if extra is not None: gate_up = extra.add_gate_up(gate_up, x, routed)
     hidden = self._apply_gate(gate_up)
     out = _grouped_linear(hidden, self.down_proj, offsets)
-    if "down_proj" in lora.shapes: out = out.add_(lora.delta(("down_proj",), hidden, offsets, live))
+    if lora is not None and "down_proj" in lora.shapes: out = out.add_(lora.delta(("down_proj",), hidden, offsets, live))
+    if extra is not None: out = extra.add_down(out, hidden, routed)
     if getattr(self, "has_post_expert_norm", False): out = self.post_expert_norm(out)  # absent before transformers 5.2x
 
     out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
+# two notebooks run side by side on two cores: one thread each avoids oversubscription (3-10x slower otherwise)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev]"
 
