@@ -123,11 +123,3 @@ def test_merged_model_matches_and_is_plain(tiny):
     assert not [n for n in merged.state_dict() if "epng" in n]
     model.train(); model(input_ids=ids)  # the handle still collects after merging
     assert h.importance.counts.sum() > 0
-
-
-def test_demo_command(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "epng.cli", "demo", "--steps", "2", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "layer |" in out.stdout and "figures saved in" in out.stdout
-    assert (tmp_path / "importance_and_ranks.png").stat().st_size > 10_000
