@@ -19,5 +19,6 @@ if [ "$(state)" != "$before" ]; then
     exit 1
 fi
 
+python scripts/readme.py --check
 nbdev_test --n_workers 2 --timing
 python -m pytest tests -q
