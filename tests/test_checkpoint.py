@@ -239,3 +239,12 @@ def test_peft_export_of_a_fully_pruned_layer(tmp_path):
     export_peft(h, tmp_path / "p")
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p")
     assert (_logits(pm, ids) - _logits(h.model, ids)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe"])
+def test_merged_model_saves_and_loads_as_plain_transformers(tmp_path, arch):
+    h, ids = _trained(_base(arch))
+    h.merged_model().save_pretrained(tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not [n for n in loaded.state_dict() if "epng" in n]
+    torch.testing.assert_close(_logits(loaded, ids), _logits(h.model, ids), rtol=1e-5, atol=1e-5)
