@@ -11,8 +11,9 @@ from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_f
 from .moe import MoELayer, EPnGError
 
 # %% auto #0
-__all__ = ['EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'ExpertLoRA', 'expert_offsets', 'epng_experts_forward',
-           'set_experts_implementation', 'lora_dtype', 'install_expert_lora', 'merge_expert_lora']
+__all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'ExpertLoRA', 'expert_offsets',
+           'epng_experts_forward', 'set_experts_implementation', 'lora_dtype', 'install_expert_lora',
+           'merge_expert_lora']
 
 # %% ../nbs/04_expert_lora.ipynb #e0ea4f78
 def kaiming_rows(*shape: int, dtype=torch.float32, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -27,14 +28,7 @@ def round_up(n: int, multiple: int = 8) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 # %% ../nbs/04_expert_lora.ipynb #08f66f93
-def _block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
-    "Per-expert block-diagonal stack of (E, out_k, R) factors: (E, Σ out_k, n·R)."
-    if len(blocks) == 1: return blocks[0]
-    E, R = blocks[0].shape[0], blocks[0].shape[2]
-    rows = []
-    for k, b in enumerate(blocks):
-        rows.append(torch.cat([b if j == k else b.new_zeros(E, b.shape[1], R) for j in range(len(blocks))], dim=2))
-    return torch.cat(rows, dim=1)
+OUTPUT_BLOCK = {"gate_proj": 0, "up_proj": 1, "down_proj": 0}  # where a target's rows sit in its fused weight's output
 
 # %% ../nbs/04_expert_lora.ipynb #d9234420
 class ExpertLoRA(nn.Module):
@@ -68,11 +62,13 @@ class ExpertLoRA(nn.Module):
         slots = torch.arange(self.capacity, device=expert_ids.device)
         return (slots < self.ranks[expert_ids, None]).to(dtype)
 
-    def delta(self, targets: tuple, x: torch.Tensor, offsets: torch.Tensor, live: torch.Tensor,
-              tokens: tuple | None = None) -> torch.Tensor:
-        """s·B_e A_e x of `targets` that read the same rows `x`, outputs side by side: A stacked, B block-diagonal.
-        With `tokens = (hidden_states, token_of_row, expert_of_row)` the A projection runs once per token for all
-        experts (one dense matmul) and each row gathers its expert's part."""
+    def add_delta(self, out: torch.Tensor, targets: tuple, x: torch.Tensor, offsets: torch.Tensor, live: torch.Tensor,
+                  tokens: tuple | None = None) -> torch.Tensor:
+        """Add s·B_e A_e x of each of `targets` (all reading the rows `x`) to its columns of `out`, in place.
+        A is stacked so that one matmul projects every target; each B then writes only its own columns, so no
+        (rows × Σ out) LoRA output ever exists beside `out`. With `tokens = (hidden_states, token_of_row,
+        expert_of_row)` the A projection runs once per token for all experts (one dense matmul) and each row gathers
+        its expert's part."""
         a = torch.cat([self.A[t] for t in targets], dim=1).to(x.dtype)            # (E, n·R, in)
         if tokens is None: u = _grouped_linear(x, a, offsets)                      # (S, n·R)
         else:
@@ -80,8 +76,12 @@ class ExpertLoRA(nn.Module):
             per_token = hidden @ a.flatten(0, 1).T                                  # (T, E·n·R)
             u = per_token.view(hidden.shape[0], a.shape[0], a.shape[1])[token_of_row, expert_of_row]
         u = u * (self.scaling * live.repeat(1, len(targets)))                      # scaled here: u is small
-        b = _block_diagonal([self.B[t] for t in targets])                          # (E, Σ out, n·R)
-        return _grouped_linear(u, b.to(x.dtype), offsets)                          # (S, Σ out)
+        R = self.capacity
+        for k, target in enumerate(targets):
+            width = self.shapes[target][1]
+            cols = slice(OUTPUT_BLOCK[target] * width, (OUTPUT_BLOCK[target] + 1) * width)
+            out[:, cols].add_(_grouped_linear(u[:, k * R:(k + 1) * R], self.B[target].to(x.dtype), offsets))
+        return out
 
     def token_level_a(self, device: torch.device, width: int) -> bool:
         "Project A per token (not per routed row)? On GPUs while E·`width` (width = n·R) is at most 2048 columns."
@@ -119,16 +119,13 @@ def epng_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     gate_up = _grouped_linear(x, self.gate_up_proj, offsets)
     if lora is not None and lora.gate_up_targets:
         per_token = lora.token_level_a(x.device, len(lora.gate_up_targets) * lora.capacity)
-        delta = lora.delta(lora.gate_up_targets, x, offsets, live,
-                           (hidden_states, token_of_row, expert_ids) if per_token else None)
-        half = delta.shape[-1]  # LoRA on gate only or up only: zero-pad to gate_up's other half
-        if lora.gate_up_targets == ("gate_proj",): delta = nn.functional.pad(delta, (0, half))
-        elif lora.gate_up_targets == ("up_proj",): delta = nn.functional.pad(delta, (half, 0))
-        gate_up = gate_up.add_(delta)  # in place: the grouped matmul's backward does not need its output
+        # in place: the grouped matmul's backward does not need its output
+        gate_up = lora.add_delta(gate_up, lora.gate_up_targets, x, offsets, live,
+                                 (hidden_states, token_of_row, expert_ids) if per_token else None)
     if extra is not None: gate_up = extra.add_gate_up(gate_up, x, routed)
     hidden = self._apply_gate(gate_up)
     out = _grouped_linear(hidden, self.down_proj, offsets)
-    if lora is not None and "down_proj" in lora.shapes: out = out.add_(lora.delta(("down_proj",), hidden, offsets, live))
+    if lora is not None and "down_proj" in lora.shapes: out = lora.add_delta(out, ("down_proj",), hidden, offsets, live)
     if extra is not None: out = extra.add_down(out, hidden, routed)
     if getattr(self, "has_post_expert_norm", False): out = self.post_expert_norm(out)  # absent before transformers 5.2x
 
