@@ -143,6 +143,7 @@ def main():
           f"H {cfg.hidden_size}, expert I {cfg.intermediate_size}, {cfg.num_experts} experts, top-{cfg.num_experts_per_tok}; "
           f"{str(dtype).split('.')[-1]}")
     print(f"adapters      {h}")
+    if not cuda: print(f"load average  {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min) at the start")
     print(f"step          {ids.shape[0]} × {ids.shape[1]} = {args.tokens} tokens, forward + backward + "
           f"{'fused ' if cuda else ''}AdamW step + zero_grad, same batch every step", flush=True)
 
@@ -183,6 +184,7 @@ def main():
               f"max rank {c['max_rank']}, capacity {capacity} -> {c['cap_after']}", flush=True)
 
     print()
+    if not cuda: print(f"load average  {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min) at the end")
     print(f"Statistics overhead: {args.rounds} interleaved rounds, ms per training step")
     print(f"  {'collector':10s} {'median':>9s} {'min':>9s}")
     print(f"  {'on':10s} {1000 * on_med:9.1f} {1000 * on_min:9.1f}")

@@ -324,6 +324,7 @@ d = { 'settings': { 'branch': 'main',
                             'epng.train.method_share': ('train.html#method_share', 'epng/train.py'),
                             'epng.train.save_checkpoint': ('train.html#save_checkpoint', 'epng/train.py'),
                             'epng.train.save_run': ('train.html#save_run', 'epng/train.py'),
+                            'epng.train.shared_statistics': ('train.html#shared_statistics', 'epng/train.py'),
                             'epng.train.step_batches': ('train.html#step_batches', 'epng/train.py'),
                             'epng.train.to_device': ('train.html#to_device', 'epng/train.py'),
                             'epng.train.train': ('train.html#train', 'epng/train.py')}}}

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06c_train.ipynb #fb1a8b88
 from __future__ import annotations
-import json, math, os, random, time, warnings
+import contextlib, json, math, os, random, time, warnings
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import torch
@@ -19,14 +19,14 @@ from .selection import EPnGConfig
 from .growth import attach
 from .data import load_rows, byte_tokenizer, embedded_dataset, SFTDataset, StepBatchSampler, collate
 from .loop import LORA_METHODS, METHODS, check_method, EPnGController, cycle_steps, plot_cycle_history, plot_losses
-from .baselines import esft_scores, select_esft_experts, attach_esft, FullFineTuning
+from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning
 from .checkpoint import atomic_dir, atomic_write_json, save_adapter, load_adapter_into
 
 # %% auto #0
 __all__ = ['PRESETS', 'EMBEDDED', 'RESUMABLE_DIFFERENCES', 'TrainArgs', 'embedded_model', 'load_model_and_tokenizer',
-           'make_tuner', 'method_share', 'init_processes', 'average_gradients', 'checkpoint_dir', 'latest_checkpoint',
-           'save_checkpoint', 'check_resumable', 'load_checkpoint', 'make_optimizer', 'step_batches', 'to_device',
-           'train', 'save_run']
+           'make_tuner', 'method_share', 'init_processes', 'average_gradients', 'shared_statistics', 'checkpoint_dir',
+           'latest_checkpoint', 'save_checkpoint', 'check_resumable', 'load_checkpoint', 'make_optimizer',
+           'step_batches', 'to_device', 'train', 'save_run']
 
 # %% ../nbs/06c_train.ipynb #6239aa07
 PRESETS = {
@@ -57,8 +57,8 @@ class TrainArgs:
     decay: float = 0.2
     lora_alpha: float = 16
     max_rank: int | None = None
-    esft_criterion: str = "token"
-    esft_top_p: float = 0.2
+    esft_criterion: str = "token"        # ESFT's expert score: 'token' (selection ratio) or 'gate'
+    esft_top_p: float | None = None      # share of each layer's score to cover; ESFT's own (0.2 token, 0.1 gate) when None
     esft_batches: int = 8
     max_length: int | None = None
     limit: int | None = None             # use only this many rows
@@ -129,7 +129,8 @@ def make_tuner(model: nn.Module, args: TrainArgs, scoring_batches=None):
     if args.method == "esft":
         scores = esft_scores(model, scoring_batches, criterion=args.esft_criterion)
         model.requires_grad_(False)
-        return attach_esft(model, select_esft_experts(scores, args.esft_top_p)), None
+        top_p = args.esft_top_p if args.esft_top_p is not None else ESFT_TOP_P[args.esft_criterion]
+        return attach_esft(model, select_esft_experts(scores, top_p)), None
     return FullFineTuning(model), None
 
 def method_share(tuner, model: nn.Module) -> float:
@@ -158,6 +159,17 @@ def average_gradients(parameters, world: int) -> None:
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g)); offset += g.numel()
+
+@contextlib.contextmanager
+def shared_statistics(tuner, world: int):
+    "Inside, every process holds the mean over processes of the importance statistics (to save them); then its own again."
+    imp = getattr(tuner, "importance", None)
+    if world == 1 or imp is None:
+        yield; return
+    own = imp.sums.clone(), imp.counts.clone()
+    for t in (imp.sums, imp.counts): dist.all_reduce(t); t.div_(world)
+    try: yield
+    finally: imp.sums.copy_(own[0]); imp.counts.copy_(own[1])
 
 # %% ../nbs/06c_train.ipynb #51f9613d
 RESUMABLE_DIFFERENCES = {"output_dir", "resume", "save_steps"}
@@ -264,11 +276,14 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
         if controller: controller.step_end(step, optimizer)
         losses.append(total.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if args.save_steps and step % args.save_steps == 0 and step < args.max_steps and rank == 0:
-            last_good = save_checkpoint(checkpoint_dir(out, step), args, step, tuner, optimizer, scheduler, controller, losses)
+        if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
+            with shared_statistics(tuner, world):              # every process takes part; process 0 writes
+                if rank == 0: last_good = save_checkpoint(checkpoint_dir(out, step), args, step, tuner, optimizer,
+                                                          scheduler, controller, losses)
     result = dict(args=args, model=model, tokenizer=tokenizer, tuner=tuner, controller=controller, losses=losses,
                   share=method_share(tuner, model), rank=rank, world=world)
-    if rank == 0: result.update(save_run(out, args, result, optimizer, scheduler))
+    with shared_statistics(tuner, world):
+        if rank == 0: result.update(save_run(out, args, result, optimizer, scheduler))
     return result
 
 # %% ../nbs/06c_train.ipynb #bad71595
