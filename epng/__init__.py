@@ -20,3 +20,5 @@ from .loop import (METHODS, LORA_METHODS, EPnGController, EPnGCallback, CycleRec
 from .baselines import attach_esft, attach_fft, esft_scores, select_esft_experts
 from .checkpoint import save_adapter, load_adapter, load_adapter_into, export_peft
 from .train import TrainArgs, train
+from .eval import (load_eval_rows, generate, evaluate_gsm8k, evaluate_math, evaluate_code, evaluate_general,
+                       pass_at_k, run_program, OpenAIJudge, judge_pair)

@@ -280,13 +280,21 @@ def test_misbehaving_programs_are_stopped_and_fail(tmp_path):
     assert workdir.name.startswith("epng-run-") and not workdir.exists() and workdir != Path.cwd()
 
 
-def test_network_namespace_alone_blocks_connections(monkeypatch):
-    "With the socket guard out of the way (the candidate restores it from _socket), the namespace still cuts it off."
-    program = "import _socket, socket\ns = _socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', 9))"
+def test_network_namespace_alone_blocks_connections():
+    "Code that dodges the socket guard (through _socket) still reaches nothing when the network namespace is on."
+    server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(1); server.settimeout(0.3)
+    port = server.getsockname()[1]
+    program = f"import _socket\ns = _socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))"
     result = run_program(program, timeout=3)
-    assert not result.passed
-    if result.network_namespace:
-        assert "Network is unreachable" in result.status or "OSError" in result.status
+    try:
+        server.accept(); connected = True
+    except OSError:
+        connected = False
+    finally:
+        server.close()
+    if not result.network_namespace:
+        pytest.skip("no network namespace here (needs root or user namespaces): only the socket guard applies")
+    assert not result.passed and not connected and "unreachable" in result.status
 
 
 def test_runner_bad_limits():
@@ -366,8 +374,8 @@ def test_generate_bad_input(embedded):
 # --- ARC / BoolQ through lm-eval ---------------------------------------------------------------------------------
 
 def _direct_loglikelihood(model, tok, context: str, continuation: str) -> float:
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
-    cont = tok(context + continuation, add_special_tokens=False)["input_ids"][len(ctx):]
+    ctx = tok(context)["input_ids"]  # the tokenizer's own convention (here: a BOS first), as lm-eval's HFLM does
+    cont = tok(context + continuation)["input_ids"][len(ctx):]
     ids = torch.tensor([ctx + cont])
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
