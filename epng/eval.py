@@ -23,7 +23,7 @@ __all__ = ['EVAL_SETS', 'GSM8K_STRICT', 'GSM8K_FLEXIBLE', 'GSM8K_IGNORE', 'INVAL
            'strip_boxed', 'normalize_math_answer', 'final_answer_sentence', 'extract_math_answer', 'math_gold',
            'math_answers_match', 'math_correct', 'pass_at_k', 'ExecResult', 'run_program', 'run_programs',
            'extract_code', 'truncate_at', 'humaneval_program', 'mbpp_prompt', 'mbpp_program', 'generate', 'EvalResult',
-           'evaluate_gsm8k', 'evaluate_math', 'evaluate_code', 'local_task_configs', 'evaluate_general',
+           'evaluate_gsm8k', 'evaluate_math', 'evaluate_code', 'local_task_configs', 'task_manager', 'evaluate_general',
            'pairwise_judge_prompt', 'VerdictError', 'parse_verdict', 'Judge', 'OpenAIJudge', 'judge_pair',
            'pairwise_win_rate']
 
@@ -574,18 +574,27 @@ def local_task_configs(folder, arc=None, boolq=None) -> list[str]:
         names.append(name)
     return names
 
+_TASK_MANAGERS = {}
+
+def task_manager(include_path=None):
+    "lm-eval's `TaskManager` for `include_path`, built once per folder: building one indexes every task lm-eval ships (~10 s)."
+    key = str(include_path) if include_path else None
+    if key not in _TASK_MANAGERS:
+        from lm_eval.tasks import TaskManager
+        _TASK_MANAGERS[key] = TaskManager(include_path=key)
+    return _TASK_MANAGERS[key]
+
 def evaluate_general(model, tokenizer, tasks: Sequence[str] = GENERAL_TASKS, num_fewshot: int = 0,
                      batch_size: int = 8, limit: int | None = None, include_path=None, **kwargs) -> dict:
     "Accuracy on lm-eval-harness tasks (default ARC-C, ARC-E, BoolQ) for our model object: `{task: {metric: value}}` + raw."
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise EPnGError("ARC and BoolQ run through lm-eval-harness: pip install lm-eval==0.4.13") from None
     if not tasks: raise EPnGError("no tasks given: name at least one lm-eval task, e.g. 'arc_easy'.")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = task_manager(include_path)
     raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, **kwargs)
     summary = {task: {m.split(",")[0]: v for m, v in values.items() if isinstance(v, float) and "stderr" not in m}
