@@ -37,7 +37,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['epng', 'epng.*']),
     include_package_data=True,
-    package_data={'epng': ['fixtures/*']},
+    package_data={'epng': ['fixtures/*', 'nano_model/*']},
     install_requires=requirements,
     extras_require={'dev': dev_requirements, 'eval': eval_requirements},
     dependency_links=cfg.get('dep_links', '').split(),
