@@ -11,14 +11,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from .moe import EPnGError, tiny_moe_config
-from .data import byte_tokenizer, render_prompt, pad_id_of
+from .data import byte_tokenizer
 from .gates import gate_stats, plot_expert_heatmap
+from .eval import evaluate_gsm8k, extract_gsm8k, gsm8k_correct
 
 # %% auto #0
-__all__ = ['DOMAINS', 'NANO_MODEL_DIR', 'NANO_FILES', 'NANO_SPLITS', 'STRICT_RE', 'FLEXIBLE_RE', 'STOP_STRINGS', 'nano_corpus',
-           'nano_config', 'pack_corpus', 'lr_at', 'pretrain_nano', 'nano_model_path', 'load_nano', 'domain_gate_means',
-           'js_divergence', 'importance_summary', 'plot_domain_routing', 'nano_task', 'normalize_number',
-           'extract_answer', 'generate_answers', 'exact_match_eval']
+__all__ = ['DOMAINS', 'NANO_MODEL_DIR', 'NANO_FILES', 'NANO_SPLITS', 'nano_corpus', 'nano_config', 'pack_corpus', 'lr_at',
+           'pretrain_nano', 'nano_model_path', 'load_nano', 'domain_gate_means', 'js_divergence', 'importance_summary',
+           'plot_domain_routing', 'nano_task', 'nano_eval']
 
 # %% ../nbs/05b_nano.ipynb #3a4e7efb
 DOMAINS = ("math", "code", "prose")
@@ -31,30 +31,41 @@ def _add_sub(rng: random.Random) -> tuple[int, str, int, int]:
     if rng.random() < 0.5 or b > a: return a, "+", b, a + b
     return a, "-", b, a - b
 
-def _math_text(rng: random.Random) -> str:
-    "Arithmetic in the pretraining style: one-step stories, chained drills and bare facts, every step worked."
-    kind, who, thing = rng.randrange(7), rng.choice(_PEOPLE), rng.choice(_THINGS)
-    if kind == 0:
-        a, b = rng.randint(1, 20), rng.randint(1, 9)
-        return f"{who} has {a} {thing}s and gets {b} more. {a} + {b} = {a + b}. Now {who} has {a + b} {thing}s."
-    if kind == 1:
-        a = rng.randint(2, 29); b = rng.randint(1, min(a, 9))
-        return f"{who} had {a} {thing}s and lost {b}. {a} - {b} = {a - b}. So {a - b} {thing}s are left."
-    if kind == 2:
+_GAIN = ["gets {n} more", "finds {n} more", "buys {n} more", "is given {n} more", "picks up {n} more", "wins {n} more"]
+_LOSS = ["gives away {n}", "loses {n}", "sells {n}", "drops {n}", "uses {n}", "eats {n}"]
+_START = ["{who} has {n} {thing}s.", "{who} had {n} {thing}s.", "{who} owns {n} {thing}s.",
+          "There are {n} {thing}s in {who}'s bag.", "{who} starts with {n} {thing}s.", "{who} keeps {n} {thing}s in a box."]
+_ASK = ["How many {thing}s does {who} have now?", "How many {thing}s are there now?", "What is the number of {thing}s now?"]
+
+def _story(rng: random.Random) -> str:
+    "A word problem in the pretraining style: a story put together from sentence parts, its question, worked steps, and an answer sentence ending in the step count."
+    who, thing = rng.choice(_PEOPLE), rng.choice(_THINGS)
+    if rng.random() < 0.25:  # groups first: a * b, then maybe a change
         a, b = rng.randint(2, 5), rng.randint(2, 9)
-        return f"{who} fills {a} rows with {b} {thing}s each. {a} * {b} = {a * b}. That is {a * b} {thing}s."
-    if kind == 3:  # chained drill: the result of one step feeds the next
+        text, value, steps = [f"{who} fills {a} rows with {b} {thing}s each."], a * b, [f"{a} * {b} = {a * b}."]
+    else:
+        a = rng.randint(2, 20)
+        text, value, steps = [rng.choice(_START).format(who=who, n=a, thing=thing)], a, []
+    for _ in range(rng.choice([1, 1, 2, 2, 2]) if steps else rng.choice([1, 2, 2, 2])):
+        if rng.random() < 0.5 or value < 2:
+            n = rng.randint(1, 9); text.append(f"Then {who} " + rng.choice(_GAIN).format(n=n) + ".")
+            steps.append(f"{value} + {n} = {value + n}."); value += n
+        else:
+            n = rng.randint(1, min(value, 9)); text.append(f"Then {who} " + rng.choice(_LOSS).format(n=n) + ".")
+            steps.append(f"{value} - {n} = {value - n}."); value -= n
+    question = rng.choice(_ASK).format(who=who, thing=thing)
+    # the answer sentence ends in the number of steps, not the answer: the corpus's own answer style
+    return " ".join(text + [question] + steps + [f"The answer is {value}, found in {len(steps)} step{'s' if len(steps) > 1 else ''}."])
+
+def _math_text(rng: random.Random) -> str:
+    "Arithmetic in the pretraining style: word problems of one to three steps (most often), chained drills and bare facts, every step worked."
+    kind = rng.randrange(6)
+    if kind < 4: return _story(rng)
+    if kind == 4:  # chained drill: the result of one step feeds the next
         a, op, b, r = _add_sub(rng)
         op2, c = ("+", rng.randint(1, 9)) if rng.random() < 0.5 or r == 0 else ("-", rng.randint(1, min(r, 9)))
         total = r + c if op2 == "+" else r - c
         return f"Work out {a} {op} {b} {op2} {c}. First {a} {op} {b} = {r}. Then {r} {op2} {c} = {total}. Result: {total}."
-    if kind == 4:  # a two-step story: the numbers must be found in the text before they are used
-        a, b, c = rng.randint(2, 20), rng.randint(1, 9), rng.randint(1, 9)
-        if rng.random() < 0.5:
-            return (f"{who} had {a} {thing}s. Then {who} found {b} more. Later {who} lost {c}. "
-                    f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}. Now {who} has {a + b - c} {thing}s.")
-        return (f"{who} had {a} {thing}s. A friend gave {b} more and a cousin gave {c}. "
-                f"{a} + {b} = {a + b}. {a + b} + {c} = {a + b + c}. Now {who} has {a + b + c} {thing}s.")
     return " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in (_add_sub(rng) for _ in range(rng.randint(3, 6))))
 
 _FUNCS = ["total", "count", "scale", "pick", "merge", "clean", "walk", "check"]
@@ -222,7 +233,7 @@ def plot_domain_routing(means: dict[str, torch.Tensor], suptitle: str = "mean ga
     return fig
 
 # %% ../nbs/05b_nano.ipynb #9ceaf639
-_STORES = [("shelf", "jar"), ("crate", "melon"), ("tray", "muffin"), ("rack", "hat"), ("bin", "ball"), ("basket", "plum")]
+_STORES = [("stand", "jar"), ("crate", "melon"), ("tray", "muffin"), ("rack", "hat"), ("bin", "ball"), ("basket", "plum")]
 
 def _nano_problem(rng: random.Random) -> tuple[str, list[str], int]:
     "A two-step word problem in the held-out wording: (question, step lines, answer)."
@@ -234,7 +245,7 @@ def _nano_problem(rng: random.Random) -> tuple[str, list[str], int]:
                 f"the {place} now?", [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"], a + b - c)
     if kind == 1:  # groups, then extra
         a, b, c = rng.randint(2, 5), rng.randint(2, 9), rng.randint(1, 9)
-        return (f"Each {place} has {b} {obj}s and there are {a} of them. There are also {c} loose {obj}s. How many "
+        return (f"A shop has {a} {place}s with {b} {obj}s on each. There are also {c} loose {obj}s. How many "
                 f"{obj}s are there in all?", [f"{a} * {b} = {a * b}", f"{a * b} + {c} = {a * b + c}"], a * b + c)
     a, b, c = rng.randint(2, 20), rng.randint(1, 9), rng.randint(1, 9)
     return (f"One {place} has {a} {obj}s, a second has {b} and a third has {c}. How many {obj}s do the three hold?",
@@ -261,48 +272,11 @@ def nano_task(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     if len(rows) < n: raise EPnGError(f"could only draw {len(rows)} distinct {split} problems: ask for fewer.")
     return rows
 
-# %% ../nbs/05b_nano.ipynb #52e208d1
-STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
-FLEXIBLE_RE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
-
-def normalize_number(text: str) -> str:
-    "A number as exact match compares it: no thousands commas, no dollar sign, no trailing full stop."
-    return text.replace(",", "").replace("$", "").strip().rstrip(".")
-
-def extract_answer(text: str, strict_only: bool = False) -> str | None:
-    "The answer a generation gives: the first `#### N` if there is one, else (unless `strict_only`) the last number; None when there is none."
-    strict = STRICT_RE.search(text)
-    if strict: return normalize_number(strict.group(1))
-    if strict_only: return None
-    found = [a or b for a, b in FLEXIBLE_RE.findall(text)]
-    return normalize_number(found[-1]) if found else None
-
-STOP_STRINGS = ("### Question", "Question:")
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48, batch_size: int = 32) -> list[str]:
-    "Greedy completions of `render_prompt(question)`, batched with left padding, cut at the next question."
-    side, texts = tokenizer.padding_side, []
-    tokenizer.padding_side = "left"  # generation appends on the right: every prompt must end at the same column
-    model.eval()
-    try:
-        for i in range(0, len(questions), batch_size):
-            prompts = [render_prompt(tokenizer, q) for q in questions[i:i + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad_id_of(tokenizer), eos_token_id=tokenizer.eos_token_id)
-            for seq in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True):
-                for stop in STOP_STRINGS: seq = seq.split(stop)[0]
-                texts.append(seq)
-    finally: tokenizer.padding_side = side
-    return texts
-
-def exact_match_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 48, strict_only: bool = False,
-                     batch_size: int = 32, return_outputs: bool = False):
-    "GSM8K-style exact-match accuracy of greedy answers on rows with `question` and `answer` (`#### N`)."
-    missing = [k for k in ("question", "answer") if rows and k not in rows[0]]
-    if not rows or missing: raise EPnGError(f"exact_match_eval needs GSM8K rows with 'question' and 'answer' (missing {missing or 'rows'}).")
-    outputs = generate_answers(model, tokenizer, [r["question"] for r in rows], max_new_tokens, batch_size)
-    hits = [extract_answer(o, strict_only) == extract_answer(r["answer"], True) for o, r in zip(outputs, rows)]
-    accuracy = sum(hits) / len(rows)
-    return (accuracy, outputs) if return_outputs else accuracy
+# %% ../nbs/05b_nano.ipynb #60cbab8c
+def nano_eval(model, tokenizer, rows: list[dict], max_new_tokens: int = 96, batch_size: int = 32) -> dict:
+    "Exact match on GSM8K-schema rows by `epng.eval`'s GSM8K code: `{'flexible', 'strict', 'generations'}` (one greedy generation, both filters)."
+    result = evaluate_gsm8k(model, tokenizer, rows, mode="flexible", max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, progress=False)
+    generations = [r["generation"] for r in result.records]
+    strict = sum(gsm8k_correct(g, row["answer"], "strict") for g, row in zip(generations, rows)) / len(rows)
+    return {"flexible": result.score, "strict": strict, "generations": generations}

@@ -324,7 +324,7 @@ def run_method(setup: ReproSetup, method: str, domain: str = "math", tasks=(), n
 # %% ../nbs/09a_repro.ipynb #7ffd223d
 def run_base(setup: ReproSetup, tasks) -> dict:
     "Scores (%) of the untrained model, for the 'Base' row."
-    model, tokenizer = load_model_and_tokenizer(setup.model, setup.train["bf16"], setup.train["seed"],
+    model, tokenizer = load_model_and_tokenizer(setup.model, setup.train["bf16"],
                                                 "cuda" if torch.cuda.is_available() else "cpu")
     scores = evaluate_tasks(model, tokenizer, setup, tasks)
     del model; release_memory()

@@ -13,20 +13,21 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 import matplotlib
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from .moe import EPnGError, tiny_moe_config, count_parameters
+from .moe import EPnGError, count_parameters
 from .gates import plot_expert_heatmap
 from .selection import EPnGConfig
 from .growth import attach
-from .data import load_rows, byte_tokenizer, embedded_dataset, SFTDataset, StepBatchSampler, collate
+from .data import load_rows, SFTDataset, StepBatchSampler, collate
+from .nano import load_nano, nano_task
 from .loop import LORA_METHODS, METHODS, check_method, EPnGController, cycle_steps, plot_cycle_history, plot_losses
 from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning
 from .checkpoint import atomic_dir, atomic_write_json, save_adapter, load_adapter_into
 
 # %% auto #0
-__all__ = ['PRESETS', 'EMBEDDED', 'RESUMABLE_DIFFERENCES', 'TrainArgs', 'embedded_model', 'load_model_and_tokenizer',
-           'make_tuner', 'method_share', 'init_processes', 'average_gradients', 'shared_statistics', 'checkpoint_dir',
-           'latest_checkpoint', 'save_checkpoint', 'check_resumable', 'load_checkpoint', 'make_optimizer',
-           'step_batches', 'to_device', 'train', 'save_run']
+__all__ = ['PRESETS', 'EMBEDDED', 'EMBEDDED_ROWS', 'RESUMABLE_DIFFERENCES', 'TrainArgs', 'load_model_and_tokenizer',
+           'embedded_rows', 'make_tuner', 'method_share', 'init_processes', 'average_gradients', 'shared_statistics',
+           'checkpoint_dir', 'latest_checkpoint', 'save_checkpoint', 'check_resumable', 'load_checkpoint',
+           'make_optimizer', 'step_batches', 'to_device', 'train', 'save_run']
 
 # %% ../nbs/06c_train.ipynb #6239aa07
 PRESETS = {
@@ -34,6 +35,7 @@ PRESETS = {
     "embedded": dict(max_steps=120, batch_size=8, lr=3e-3, warmup_steps=30, interval=15, max_length=256, bf16=False),
 }
 EMBEDDED = "embedded"
+EMBEDDED_ROWS = 2000   # nano-task training problems behind dataset='embedded'
 
 @dataclass
 class TrainArgs:
@@ -99,26 +101,19 @@ class TrainArgs:
     def to_dict(self) -> dict: return {**asdict(self), "targets": list(self.targets)}
 
 # %% ../nbs/06c_train.ipynb #9a9413dd
-def embedded_model(tokenizer, seed: int = 0) -> nn.Module:
-    "The small OLMoE of the embedded default, with random weights from `seed`."
-    torch.manual_seed(seed)
-    config = tiny_moe_config("olmoe", vocab_size=len(tokenizer), num_hidden_layers=4, num_experts=16,
-                             hidden_size=64, intermediate_size=32, max_position_embeddings=512,
-                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-    return AutoModelForCausalLM.from_config(config)
-
-def load_model_and_tokenizer(name: str, bf16: bool = False, seed: int = 0, device=None):
-    "`(model, tokenizer)` from a hub id or a local folder (`from_pretrained`), or the embedded model."
-    if name == EMBEDDED:
-        tokenizer = byte_tokenizer()
-        model = embedded_model(tokenizer, seed)
-        if bf16: model = model.to(torch.bfloat16)
+def load_model_and_tokenizer(name: str, bf16: bool = False, device=None):
+    "`(model, tokenizer)` from a hub id or a local folder (`from_pretrained`), or the embedded nano model."
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if name == EMBEDDED: model, tokenizer = load_nano(dtype=dtype)
     else:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16 if bf16 else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     return model.to(device or "cpu"), tokenizer
+
+def embedded_rows(limit: int | None = None, seed: int = 0) -> list:
+    "The embedded default's training data: nano-task problems with worked answers (MetaMathQA's schema)."
+    return load_rows(nano_task(EMBEDDED_ROWS, seed=0, split="train"), "metamathqa", limit=limit, seed=seed)
 
 # %% ../nbs/06c_train.ipynb #cfcf086b
 def make_tuner(model: nn.Module, args: TrainArgs, scoring_batches=None):
@@ -239,8 +234,8 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
     args = (args or TrainArgs()).resolved()
     rank, world, device = init_processes()
     torch.manual_seed(args.seed); random.seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.bf16, args.seed, device)
-    rows = (embedded_dataset(limit=args.limit, seed=args.seed) if args.dataset == EMBEDDED
+    model, tokenizer = load_model_and_tokenizer(args.model, args.bf16, device)
+    rows = (embedded_rows(limit=args.limit, seed=args.seed) if args.dataset == EMBEDDED
             else load_rows(args.dataset, args.dataset_format, limit=args.limit, seed=args.seed))
     dataset = SFTDataset(rows, tokenizer, max_length=args.max_length)
     if args.gradient_checkpointing:

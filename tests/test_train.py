@@ -173,8 +173,7 @@ def test_killed_run_leaves_complete_checkpoints_and_resumes_latest(cli_run, tmp_
 # ---------------------------------------------------------------- 4. Trainer and SFTTrainer
 def _tiny_handle():
     torch.manual_seed(0)
-    tok = epng.byte_tokenizer()
-    model = T.embedded_model(tok)
+    model, tok = T.load_model_and_tokenizer("embedded")
     cfg = epng.EPnGConfig(rank=4, lora_alpha=8, warmup_steps=4, interval=4)
     return tok, model, epng.attach(model, cfg)
 
