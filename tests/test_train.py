@@ -123,7 +123,7 @@ def test_two_processes_end_with_identical_ranks_and_factors(tmp_path):
     # step 1's loss is the mean of the two processes' shard losses (both start from the same model)
     args = TrainArgs(**{**SMALL, "batch_size": 2}).resolved()
     model, tok = load_model_and_tokenizer("embedded")
-    data = SFTDataset(embedded_dataset(limit=32), tok, max_length=args.max_length)
+    data = SFTDataset(T.embedded_rows(limit=32), tok, max_length=args.max_length)
     with torch.no_grad():
         shard = [model(**next(step_batches(data, args, r, 2, 0))).loss.item() for r in (0, 1)]
     assert p0["losses"][0] == pytest.approx(sum(shard) / 2, rel=1e-5)
