@@ -472,6 +472,12 @@ def _prompts(tokenizer, texts: Sequence[str], use_chat_template: bool | None) ->
     chat = _uses_chat(tokenizer, use_chat_template)
     return [render_prompt(tokenizer, t, chat) for t in texts], not chat  # chat templates carry their own BOS
 
+def _answers(model, tokenizer, questions, max_new_tokens, batch_size, use_chat_template, progress) -> list[str]:
+    "Greedy answers to `questions`, prompted as in training, cut where the model would start a new question."
+    prompts, special = _prompts(tokenizer, questions, use_chat_template)
+    return generate(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=special,
+                    stop=("\n### Question:",), progress=progress)
+
 def _rows(rows, kind: str) -> list[dict]:
     "Rows given in memory, a path or 'embedded'; the hub test split when None."
     return load_eval_rows(kind, rows)
@@ -480,9 +486,7 @@ def evaluate_gsm8k(model, tokenizer, rows=None, mode: str = "flexible", max_new_
                    batch_size: int = 8, use_chat_template: bool | None = None, progress: bool = True) -> EvalResult:
     "GSM8K exact match (greedy; lm-eval's flexible or strict filter) over `rows` (default: the hub test split)."
     rows = _rows(rows, "gsm8k")
-    prompts, special = _prompts(tokenizer, [r["question"] for r in rows], use_chat_template)
-    texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=special,
-                     stop=("\n### Question:",), progress=progress)
+    texts = _answers(model, tokenizer, [r["question"] for r in rows], max_new_tokens, batch_size, use_chat_template, progress)
     records = [dict(question=r["question"], gold=normalize_gsm8k(r["answer"]), generation=t,
                     prediction=normalize_gsm8k(extract_gsm8k(t, mode)), correct=gsm8k_correct(t, r["answer"], mode))
                for r, t in zip(rows, texts)]
@@ -492,9 +496,7 @@ def evaluate_math(model, tokenizer, rows=None, max_new_tokens: int = 512, batch_
                   use_chat_template: bool | None = None, progress: bool = True) -> EvalResult:
     "MATH exact match of the normalised final answer (greedy) over `rows` (default: the algebra test split)."
     rows = _rows(rows, "math")
-    prompts, special = _prompts(tokenizer, [r["problem"] for r in rows], use_chat_template)
-    texts = generate(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=special,
-                     stop=("\n### Question:",), progress=progress)
+    texts = _answers(model, tokenizer, [r["problem"] for r in rows], max_new_tokens, batch_size, use_chat_template, progress)
     records = [dict(problem=r["problem"], gold=math_gold(r["solution"]), generation=t,
                     prediction=normalize_math_answer(extract_math_answer(t)), correct=math_correct(t, r["solution"]))
                for r, t in zip(rows, texts)]
