@@ -9,10 +9,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 from .moe import MoELayer
 
 # %% auto #0
-__all__ = ['gate_stats', 'token_mask', 'GateCollector', 'plot_expert_heatmap']
+__all__ = ['gate_stats', 'token_mask', 'GateCollector', 'label_expert_axes', 'plot_expert_heatmap']
 
 # %% ../nbs/01_gates.ipynb #edf6cfce
 def gate_stats(router_logits: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +60,17 @@ class GateCollector:
         self._hooks = []
 
 # %% ../nbs/01_gates.ipynb #25bf3719
+def label_expert_axes(ax, title: str = "") -> None:
+    "Label a (layers × experts) picture: experts across, MoE layers down, whole-number ticks only."
+    ax.set_xlabel("expert"); ax.set_ylabel("MoE layer"); ax.set_title(title)
+    for axis in (ax.xaxis, ax.yaxis): axis.set_major_locator(MaxNLocator(integer=True))
+
 def plot_expert_heatmap(values: torch.Tensor, title: str = "", ax=None, cmap: str = "viridis", label: str = "",
                         **imshow_kwargs):
     "Draw a (layers × experts) tensor as a heatmap; returns the axes."
     if ax is None: _, ax = plt.subplots(figsize=(min(12, 2 + 0.18 * values.shape[1]), 1 + 0.3 * values.shape[0]))
     img = ax.imshow(values.detach().float().cpu().numpy(), aspect="auto", cmap=cmap, interpolation="nearest",
                     **imshow_kwargs)
-    ax.set_xlabel("expert"); ax.set_ylabel("MoE layer"); ax.set_title(title)
+    label_expert_axes(ax, title)
     ax.figure.colorbar(img, ax=ax, label=label)
     return ax

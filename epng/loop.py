@@ -14,6 +14,7 @@ from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from transformers import TrainerCallback
 from .moe import EPnGError
 from .importance import NonFiniteStatisticsError
+from .gates import label_expert_axes
 from .growth import EPnGHandle, grow_capacity
 from .lora import round_up
 from .checkpoint import atomic_save_torch
@@ -196,7 +197,7 @@ def plot_cycle_history(history: list, rank: int, figsize=(12, 3.2)):
     ranks = history[-1].ranks.float()
     img = axes[2].imshow(ranks.numpy(), aspect="auto", interpolation="nearest", cmap="RdYlGn",
                          norm=TwoSlopeNorm(vcenter=rank, vmin=0, vmax=max(rank + 1, float(ranks.max()))))
-    axes[2].set_xlabel("expert"); axes[2].set_ylabel("MoE layer"); axes[2].set_title(f"ranks after the last cycle (r0 = {rank})")
+    label_expert_axes(axes[2], f"ranks after the last cycle (r0 = {rank})")
     fig.colorbar(img, ax=axes[2]); fig.tight_layout()
     return fig
 
@@ -225,8 +226,8 @@ def plot_importance_shift(before: torch.Tensor, after: torch.Tensor, share: floa
     fig, axes = plt.subplots(2, 1, figsize=figsize, sharex=True)
     for ax, codes, title in [(axes[0], cb, "base model"), (axes[1], ca, "fine-tuned")]:
         ax.imshow(codes.numpy(), aspect="auto", cmap=GROUP_COLORS, vmin=-0.5, vmax=4.5, interpolation="nearest")
-        ax.set_ylabel("MoE layer"); ax.set_title(title)
-    axes[1].set_xlabel("expert")
+        label_expert_axes(ax, title)
+    axes[0].set_xlabel("")
     handles = [plt.Rectangle((0, 0), 1, 1, color=GROUP_COLORS(i)) for i in range(1, 5)]
     fig.legend(handles, GROUP_NAMES[1:], loc="upper right", ncol=4, fontsize=8); fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, asdict
 import torch
 import matplotlib.pyplot as plt
 from .moe import EPnGError, check_targets
+from .gates import label_expert_axes
 
 # %% auto #0
 __all__ = ['EPnGConfig', 'ranked_experts', 'select_prune', 'growth_candidates', 'select_grow', 'BudgetError', 'deal_ranks',
@@ -160,7 +161,7 @@ def plot_plan(importance: torch.Tensor, plan: CyclePlan, axes=None):
     axes[0].set_yscale("log"); axes[0].set_xlabel("experts, least to most important"); axes[0].set_ylabel("p̄")
     axes[0].set_title(f"τ_p = {plan.tau_p:.4f}   τ_g = {plan.tau_g:.4f}")
     img = axes[1].imshow(plan.ranks_after.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    axes[1].set_xlabel("expert"); axes[1].set_ylabel("MoE layer"); axes[1].set_title("ranks after the cycle")
+    label_expert_axes(axes[1], "ranks after the cycle")
     axes[1].figure.colorbar(img, ax=axes[1])
     return axes
 
