@@ -4,6 +4,7 @@
 
 # %% ../nbs/05a_data.ipynb #3cb02c48
 from __future__ import annotations
+import gzip
 import json
 import os
 import random
@@ -17,10 +18,10 @@ from .moe import EPnGError
 
 # %% auto #0
 __all__ = ['FORMATS', 'BYTE_SPECIALS', 'BYTE_OFFSET', 'BYTE_VOCAB_SIZE', 'PLAIN_TEMPLATE', 'IGNORE_INDEX', 'SFTFormat',
-           'register_format', 'get_format', 'detect_format', 'load_rows', 'byte_tokenizer', 'NoResponseLeftError',
-           'render_prompt', 'encode', 'show_masked', 'synthetic_rows', 'fixture_text', 'fixtures_dir', 'fixture_path',
-           'write_fixtures', 'embedded_dataset', 'pad_id_of', 'SFTDataset', 'collate', 'batches_per_epoch',
-           'batch_order', 'StepBatchSampler', 'make_batches']
+           'register_format', 'get_format', 'detect_format', 'read_json_rows', 'load_rows', 'byte_tokenizer',
+           'NoResponseLeftError', 'render_prompt', 'encode', 'show_masked', 'synthetic_rows', 'fixture_text',
+           'fixtures_dir', 'fixture_path', 'write_fixtures', 'embedded_dataset', 'pad_id_of', 'SFTDataset', 'collate',
+           'batches_per_epoch', 'batch_order', 'StepBatchSampler', 'make_batches']
 
 # %% ../nbs/05a_data.ipynb #54b6b025
 @dataclass(frozen=True)
@@ -74,9 +75,12 @@ def detect_format(fields: Iterable[str]) -> SFTFormat:
     return fits[0]
 
 # %% ../nbs/05a_data.ipynb #16c8a773
-def _read_json_file(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
+def read_json_rows(path) -> list:
+    "The rows of a `.json` list or a `.jsonl` file (one object a line); a `.gz` on either is read through gzip."
+    path = Path(path)
+    gz = path.suffix.lower() == ".gz"
+    with (gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")) as f: text = f.read()
+    if (Path(path.stem) if gz else path).suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -103,7 +107,7 @@ def _open_source(source, fmt: str | None):
     name = str(source)
     if name == "embedded" or name.startswith("embedded:"):
         kind = name.partition(":")[2] or "metamathqa"
-        return _read_json_file(fixture_path(kind)), fmt or kind
+        return read_json_rows(fixture_path(kind)), fmt or kind
     if name in FORMATS:
         spec = FORMATS[name]
         if fmt not in (None, name):
@@ -116,7 +120,7 @@ def _open_source(source, fmt: str | None):
             raise EPnGError(f"no file at {path}: check the path (relative paths start at {Path.cwd()}).")
         if path.suffix.lower() not in (".json", ".jsonl"):
             raise EPnGError(f"{path} is not a .json or .jsonl file: convert it to JSON lines (one object per line).")
-        return _read_json_file(path), fmt
+        return read_json_rows(path), fmt
     raise EPnGError(f"unknown dataset {name!r}: give a format name {sorted(FORMATS)}, 'embedded', "
                     "or the path of a .json/.jsonl file.")
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_eval.ipynb #87c43a69
 from __future__ import annotations
-import gzip, json, math, os, re, secrets, shutil, signal, subprocess, sys, tempfile, time
+import json, math, os, re, secrets, shutil, signal, subprocess, sys, tempfile, time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 from .moe import EPnGError
-from .data import fixtures_dir, render_prompt, _uses_chat
+from .data import fixtures_dir, read_json_rows, render_prompt, _uses_chat
 
 # %% auto #0
 __all__ = ['EVAL_SETS', 'GSM8K_STRICT', 'GSM8K_FLEXIBLE', 'GSM8K_IGNORE', 'INVALID', 'MINERVA_SENTENCE', 'METAMATH_SENTENCE',
@@ -63,21 +63,6 @@ def humaneval_package_path() -> Path:
     return path
 
 # %% ../nbs/07_eval.ipynb #60faba6c
-def _read_rows(path: Path) -> list:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f: text = f.read()
-    if path.name.endswith(".json"):
-        data = json.loads(text)
-        if not isinstance(data, list): raise EPnGError(f"{path} holds a JSON {type(data).__name__}, not a list of rows.")
-        return data
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip(): continue
-        try: rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise EPnGError(f"{path} line {number} is not valid JSON ({e.msg}): one JSON object per line.") from None
-    return rows
-
 def _eval_set(kind: str) -> EvalSet:
     if kind not in EVAL_SETS: raise EPnGError(f"unknown evaluation set {kind!r}: choose one of {sorted(EVAL_SETS)}.")
     return EVAL_SETS[kind]
@@ -107,13 +92,13 @@ def load_eval_rows(kind: str, path=None, limit: int | None = None, seed: int = 0
     elif isinstance(path, (list, tuple)):
         rows = list(path)
     elif str(path) == "embedded":
-        rows = _read_rows(humaneval_package_path() if kind == "humaneval" else fixtures_dir() / spec.sample)
+        rows = read_json_rows(humaneval_package_path() if kind == "humaneval" else fixtures_dir() / spec.sample)
     else:
         file = Path(path).expanduser()
         if not file.is_file(): raise EPnGError(f"no file at {file}: give a .json, .jsonl or .jsonl.gz file.")
         if not re.search(r"\.(json|jsonl)(\.gz)?$", file.name):
             raise EPnGError(f"{file} is not a .json/.jsonl(.gz) file: convert it to JSON lines.")
-        rows = _read_rows(file)
+        rows = read_json_rows(file)
     rows = check_eval_rows(rows, kind)
     if limit is not None:
         if limit < 1: raise EPnGError(f"limit={limit}: ask for at least one row, or None for all.")
@@ -571,7 +556,7 @@ def local_task_configs(folder, arc=None, boolq=None) -> list[str]:
     for name, path, template, kind in (("epng_arc_local", arc, _ARC_YAML, "arc"), ("epng_boolq_local", boolq, _BOOLQ_YAML, "boolq")):
         if path is None: continue
         path = fixtures_dir() / EVAL_SETS[kind].sample if str(path) == "embedded" else Path(path).resolve()
-        check_eval_rows(_read_rows(path), kind)
+        check_eval_rows(read_json_rows(path), kind)
         (folder / f"{name}.yaml").write_text(template.format(name=name, path=json.dumps(str(path))), encoding="utf-8")
         names.append(name)
     return names

@@ -4,10 +4,9 @@
 
 # %% ../nbs/06_loop.ipynb #2af18d6a
 from __future__ import annotations
-import math, os, warnings
+import os, warnings
 from dataclasses import dataclass
 import torch
-from torch import nn
 import torch.distributed as dist
 import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap, TwoSlopeNorm
@@ -21,9 +20,9 @@ from .checkpoint import atomic_save_torch
 
 # %% auto #0
 __all__ = ['LORA_METHODS', 'METHODS', 'EPNG_STATE', 'GROUP_COLORS', 'GROUP_NAMES', 'check_method', 'is_cycle_step', 'cycle_steps',
-           'world_size', 'cycle_generator', 'grow_only_delta', 'CycleRecord', 'EPnGController', 'reserve_capacity',
-           'restore_ranks', 'EPnGCallback', 'cycle_tables', 'plot_cycle_history', 'importance_groups',
-           'plot_importance_shift', 'plot_losses']
+           'world_size', 'average_over_processes', 'cycle_generator', 'grow_only_delta', 'CycleRecord',
+           'EPnGController', 'reserve_capacity', 'restore_ranks', 'EPnGCallback', 'cycle_tables', 'plot_cycle_history',
+           'importance_groups', 'plot_importance_shift', 'plot_losses']
 
 # %% ../nbs/06_loop.ipynb #5c09e663
 LORA_METHODS = ("static", "prune_only", "grow_only", "epng")
@@ -47,6 +46,12 @@ def cycle_steps(max_steps: int, warmup_steps: int, interval: int) -> list[int]:
 def world_size() -> int:
     "Number of processes in the default process group (1 without torch.distributed)."
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def average_over_processes(importance) -> None:
+    "Replace this process's statistics S and N by their means over all processes: p̄ = S / N becomes the global one."
+    world = world_size()
+    if world == 1: return
+    for t in (importance.sums, importance.counts): dist.all_reduce(t); t.div_(world)
 
 def cycle_generator(seed: int, step: int) -> torch.Generator:
     "The generator the new ranks of the cycle at `step` are drawn from: the same in every process and on resume."
@@ -97,14 +102,10 @@ class EPnGController:
         "Run the cycle that follows optimizer step `step`, if there is one; keeps `optimizer` in step."
         if optimizer is not None: self.handle.bind_optimizer(optimizer)
         if not self.is_cycle_step(step): return None
-        imp, world = self.handle.importance, world_size()
-        if world > 1:
-            dist.all_reduce(imp.sums); dist.all_reduce(imp.counts)
-        try: importance = imp.mean()
+        average_over_processes(self.handle.importance)   # every process plans from the same p̄
+        try: importance = self.handle.importance.mean()
         except NonFiniteStatisticsError as e: raise NonFiniteStatisticsError(f"at step {step}: {e}") from None
         plan = self.handle.cycle(generator=cycle_generator(self.seed, step), **self.plan_kwargs)
-        if world > 1:
-            imp.sums.div_(world); imp.counts.div_(world)
         record = CycleRecord(step, plan.tau_p, plan.tau_g, importance.cpu(), plan.pruned, plan.added, self.handle.ranks)
         self.history.append(record)
         return record

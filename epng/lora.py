@@ -78,10 +78,14 @@ class ExpertLoRA(nn.Module):
         u = u * (self.scaling * live.repeat(1, len(targets)))                      # scaled here: u is small
         R = self.capacity
         for k, target in enumerate(targets):
-            width = self.shapes[target][1]
-            cols = slice(OUTPUT_BLOCK[target] * width, (OUTPUT_BLOCK[target] + 1) * width)
+            cols = self.output_rows(target)   # the weight's output rows are the activation's columns
             out[:, cols].add_(_grouped_linear(u[:, k * R:(k + 1) * R], self.B[target].to(x.dtype), offsets))
         return out
+
+    def output_rows(self, target: str) -> slice:
+        "Where `target`'s outputs sit in its fused weight: gate rows first in `gate_up_proj`, all of `down_proj`."
+        width = self.shapes[target][1]
+        return slice(OUTPUT_BLOCK[target] * width, (OUTPUT_BLOCK[target] + 1) * width)
 
     def token_level_a(self, device: torch.device, width: int) -> bool:
         "Project A per token (not per routed row)? On GPUs while E·`width` (width = n·R) is at most 2048 columns."
@@ -168,11 +172,8 @@ def install_expert_lora(model: nn.Module, layers: list[MoELayer], config) -> lis
 def merge_expert_lora(layer: MoELayer) -> None:
     "Add s·BA of every expert into `layer`'s fused weights and remove its `epng_lora`."
     experts, lora = layer.experts, layer.experts.epng_lora
-    half = experts.gate_up_proj.shape[1] // 2
-    slots = {"gate_proj": (experts.gate_up_proj, slice(None, half)), "up_proj": (experts.gate_up_proj, slice(half, None)),
-             "down_proj": (experts.down_proj, slice(None))}
     for target in lora.shapes:
-        weight, rows = slots[target]
+        weight, rows = experts.down_proj if target == "down_proj" else experts.gate_up_proj, lora.output_rows(target)
         for e in range(lora.num_experts):
             weight[e, rows] += lora.delta_weight(target, e).to(weight.dtype)
     del experts.epng_lora

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from .moe import EPnGError, PAPER_MODELS, offline_config, meta_model, find_moe_layers, count_parameters, trainable_share
 from .loop import LORA_METHODS
 from .train import TrainArgs, train, load_model_and_tokenizer
-from .data import byte_tokenizer, load_rows, SFTDataset, make_batches
+from .data import byte_tokenizer, load_rows, read_json_rows, SFTDataset, make_batches
 from .eval import (load_eval_rows, generate, evaluate_gsm8k, evaluate_math, evaluate_code, evaluate_general,
                        local_task_configs, pairwise_win_rate, OpenAIJudge)
 
@@ -22,8 +22,8 @@ __all__ = ['REPO_URL', 'DRIVE_ROOT', 'MODES', 'EXPERIMENTS', 'DOMAIN_OF', 'TRAIN
            'in_colab', 'colab_badge', 'colab_secret', 'output_root', 'colab_setup', 'check_gpu', 'ReproSetup',
            'resolve_mode', 'check_model', 'resolve_params', 'parameter_counts', 'a100_estimate', 'print_estimates',
            'eval_rows', 'general_tasks', 'evaluate_tasks', 'budget_exact', 'release_memory', 'run_method', 'run_base',
-           'prefeval_status', 'prefeval_items', 'load_rows_jsonl', 'prefeval_prompts', 'prefeval_score', 'ReproTable',
-           'side_by_side', 'run_columns', 'plot_bars', 'plot_sweep', 'save_tiny_model']
+           'prefeval_status', 'prefeval_items', 'prefeval_prompts', 'prefeval_score', 'ReproTable', 'side_by_side',
+           'run_columns', 'plot_bars', 'plot_sweep', 'save_tiny_model']
 
 # %% ../nbs/09a_repro.ipynb #cfb68724
 REPO_URL = "https://github.com/epng/epng"   # settings.ini git_url
@@ -340,14 +340,11 @@ def prefeval_status(items_file: str | None) -> str | None:
 
 def prefeval_items(items_file, limit: int | None = None) -> list[dict]:
     "PrefEval items from a JSON-lines file; each needs 'preference' and 'question'."
-    items = load_rows_jsonl(items_file)
+    items = read_json_rows(Path(items_file).expanduser())
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not {"preference", "question"} <= set(item):
             raise EPnGError(f"PrefEval item {i} needs the fields 'preference' and 'question'.")
     return items[:limit] if limit else items
-
-def load_rows_jsonl(path) -> list:
-    return [json.loads(line) for line in Path(path).expanduser().read_text(encoding="utf-8").splitlines() if line.strip()]
 
 def prefeval_prompts(items) -> list[str]:
     return [f"{it['preference']}\n\n{it['question']}" for it in items]

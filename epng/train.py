@@ -4,7 +4,7 @@
 
 # %% ../nbs/06c_train.ipynb #fb1a8b88
 from __future__ import annotations
-import contextlib, json, math, os, random, time, warnings
+import contextlib, json, os, random
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import torch
@@ -13,14 +13,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 import matplotlib
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from .moe import EPnGError, count_parameters
+from .moe import EPnGError
 from .gates import plot_expert_heatmap
 from .selection import EPnGConfig
 from .growth import attach
 from .data import load_rows, SFTDataset, StepBatchSampler, collate
 from .nano import load_nano, nano_task
-from .loop import LORA_METHODS, METHODS, check_method, EPnGController, cycle_steps, plot_cycle_history, plot_losses
-from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning
+from .loop import LORA_METHODS, check_method, EPnGController, average_over_processes, plot_cycle_history, plot_losses
+from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning, base_parameter_count
 from .checkpoint import atomic_dir, atomic_write_json, save_adapter, load_adapter_into
 
 # %% auto #0
@@ -130,8 +130,7 @@ def make_tuner(model: nn.Module, args: TrainArgs, scoring_batches=None):
 
 def method_share(tuner, model: nn.Module) -> float:
     "Trainable parameters as a share of the base model's parameters, as the paper's tables report it."
-    added = 0 if isinstance(tuner, FullFineTuning) else sum(p.numel() for p in tuner.parameters())  # adapter storage
-    return tuner.num_trainable() / (count_parameters(model) - added)
+    return tuner.num_trainable() / base_parameter_count(model)
 
 # %% ../nbs/06c_train.ipynb #cfc3aefd
 def init_processes() -> tuple[int, int, torch.device]:
@@ -156,13 +155,13 @@ def average_gradients(parameters, world: int) -> None:
         g.copy_(flat[offset:offset + g.numel()].view_as(g)); offset += g.numel()
 
 @contextlib.contextmanager
-def shared_statistics(tuner, world: int):
+def shared_statistics(tuner):
     "Inside, every process holds the mean over processes of the importance statistics (to save them); then its own again."
     imp = getattr(tuner, "importance", None)
-    if world == 1 or imp is None:
+    if imp is None:
         yield; return
     own = imp.sums.clone(), imp.counts.clone()
-    for t in (imp.sums, imp.counts): dist.all_reduce(t); t.div_(world)
+    average_over_processes(imp)
     try: yield
     finally: imp.sums.copy_(own[0]); imp.counts.copy_(own[1])
 
@@ -272,12 +271,12 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
         losses.append(total.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
-            with shared_statistics(tuner, world):              # every process takes part; process 0 writes
+            with shared_statistics(tuner):              # every process takes part; process 0 writes
                 if rank == 0: last_good = save_checkpoint(checkpoint_dir(out, step), args, step, tuner, optimizer,
                                                           scheduler, controller, losses)
     result = dict(args=args, model=model, tokenizer=tokenizer, tuner=tuner, controller=controller, losses=losses,
                   share=method_share(tuner, model), rank=rank, world=world)
-    with shared_statistics(tuner, world):
+    with shared_statistics(tuner):
         if rank == 0: result.update(save_run(out, args, result, optimizer, scheduler))
     return result
 
