@@ -19,9 +19,9 @@ from .moe import EPnGError
 # %% auto #0
 __all__ = ['FORMATS', 'BYTE_SPECIALS', 'BYTE_OFFSET', 'BYTE_VOCAB_SIZE', 'PLAIN_TEMPLATE', 'IGNORE_INDEX', 'SFTFormat',
            'register_format', 'get_format', 'detect_format', 'read_json_rows', 'load_rows', 'byte_tokenizer',
-           'NoResponseLeftError', 'render_prompt', 'encode', 'show_masked', 'synthetic_rows', 'fixture_text',
-           'fixtures_dir', 'fixture_path', 'write_fixtures', 'embedded_dataset', 'pad_id_of', 'SFTDataset', 'collate',
-           'batches_per_epoch', 'batch_order', 'StepBatchSampler', 'make_batches']
+           'byte_model_ids', 'NoResponseLeftError', 'render_prompt', 'encode', 'show_masked', 'synthetic_rows',
+           'fixture_text', 'fixtures_dir', 'fixture_path', 'write_fixtures', 'embedded_dataset', 'pad_id_of',
+           'SFTDataset', 'collate', 'batches_per_epoch', 'batch_order', 'StepBatchSampler', 'make_batches']
 
 # %% ../nbs/05a_data.ipynb #54b6b025
 @dataclass(frozen=True)
@@ -181,6 +181,12 @@ def byte_tokenizer(chat_template: str | None = None):
                                   clean_up_tokenization_spaces=False, model_max_length=1 << 20)
     tok.chat_template = chat_template
     return tok
+
+def byte_model_ids() -> dict:
+    "The config fields that make a model match the byte tokenizer: `vocab_size` and the pad, bos and eos ids."
+    tok = byte_tokenizer()
+    return dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
 
 # %% ../nbs/05a_data.ipynb #5d289a04
 PLAIN_TEMPLATE = "### Question:\n{prompt}\n\n### Answer:\n"

@@ -11,18 +11,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from .moe import EPnGError, tiny_moe_config
-from .data import byte_tokenizer
+from .data import byte_tokenizer, byte_model_ids
 from .gates import gate_stats, plot_expert_heatmap
-from .eval import evaluate_gsm8k, extract_gsm8k, gsm8k_correct
+from .eval import evaluate_gsm8k, extract_gsm8k, gsm8k_correct, generate
 
 # %% auto #0
 __all__ = ['DOMAINS', 'NANO_MODEL_DIR', 'NANO_FILES', 'NANO_SPLITS', 'nano_corpus', 'nano_config', 'pack_corpus', 'lr_at',
-           'pretrain_nano', 'nano_model_path', 'load_nano', 'domain_gate_means', 'js_divergence', 'importance_summary',
-           'plot_domain_routing', 'nano_task', 'nano_eval']
+           'pretrain_nano', 'nano_model_path', 'load_nano', 'worked_prompts', 'continuation_accuracy',
+           'domain_gate_means', 'js_divergence', 'importance_summary', 'plot_domain_routing', 'nano_task', 'nano_eval']
 
 # %% ../nbs/05b_nano.ipynb #3a4e7efb
 DOMAINS = ("math", "code", "prose")
-_PEOPLE = ["Ava", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jai", "Kai", "Lou", "Mo", "Nia", "Oz", "Pia", "Rex"]
+_PEOPLE = ["Ava", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jai", "Kai", "Lou", "Mo", "Nia", "Oz", "Pia", "Quin", "Rex"]
 _THINGS = ["pen", "cup", "card", "shell", "coin", "book", "bead", "leaf"]
 
 def _add_sub(rng: random.Random) -> tuple[int, str, int, int]:
@@ -57,11 +57,17 @@ def _story(rng: random.Random) -> str:
     # the answer sentence ends in the number of steps, not the answer: the corpus's own answer style
     return " ".join(text + [question] + steps + [f"The answer is {value}, found in {len(steps)} step{'s' if len(steps) > 1 else ''}."])
 
+def _echo(rng: random.Random) -> str:
+    "A list of numbers said twice: pure copying, which teaches attention to fetch the k-th number of an earlier sentence."
+    nums = [str(rng.randint(0, 99)) for _ in range(rng.randint(3, 6))]
+    return f"Note {', '.join(nums)}. Again: {', '.join(nums)}."
+
 def _math_text(rng: random.Random) -> str:
-    "Arithmetic in the pretraining style: word problems of one to three steps (most often), chained drills and bare facts, every step worked."
-    kind = rng.randrange(6)
-    if kind < 4: return _story(rng)
-    if kind == 4:  # chained drill: the result of one step feeds the next
+    "Arithmetic in the pretraining style: word problems of one to three steps (most often), chained drills, bare facts and number echoes, every step worked."
+    kind = rng.randrange(8)
+    if kind < 5: return _story(rng)
+    if kind == 7: return _echo(rng)
+    if kind == 5:  # chained drill: the result of one step feeds the next
         a, op, b, r = _add_sub(rng)
         op2, c = ("+", rng.randint(1, 9)) if rng.random() < 0.5 or r == 0 else ("-", rng.randint(1, min(r, 9)))
         total = r + c if op2 == "+" else r - c
@@ -70,9 +76,10 @@ def _math_text(rng: random.Random) -> str:
 
 _FUNCS = ["total", "count", "scale", "pick", "merge", "clean", "walk", "check"]
 _VARS = ["xs", "items", "vals", "rows", "data", "nums"]
+_COMMENTS = ["keep the big ones", "one pass is enough", "Quick check first", "the order matters here", "empty input is fine"]
 
 def _code_text(rng: random.Random) -> str:
-    "A Python-like snippet: a small function with a loop, a condition or a comprehension."
+    "A Python-like snippet: a small function with a loop, a condition or a comprehension, sometimes under a comment."
     fn, v, k = rng.choice(_FUNCS), rng.choice(_VARS), rng.randint(1, 9)
     body = rng.choice([
         f"    out = []\n    for x in {v}:\n        if x > {k}:\n            out.append(x)\n    return out",
@@ -82,9 +89,10 @@ def _code_text(rng: random.Random) -> str:
         f"    return {{x: x ** {k} for x in {v}}}",
         f"    if not {v}:\n        return None\n    return sorted({v})[-{k}]",
     ])
-    return f"def {fn}_{rng.choice(_VARS)}({v}):\n{body}\n"
+    comment = f"    # {rng.choice(_COMMENTS)}\n" if rng.random() < 0.5 else ""
+    return f"def {fn}_{rng.choice(_VARS)}({v}):\n{comment}{body}\n"
 
-_ANIMALS = ["fox", "owl", "cat", "deer", "crow", "hare", "wolf", "swan"]
+_ANIMALS = ["fox", "owl", "cat", "deer", "crow", "hare", "wolf", "swan", "jay"]
 _ADJS = ["quiet", "brave", "sleepy", "clever", "gentle", "wild", "old", "happy"]
 _PLACES = ["river", "forest", "meadow", "village", "garden", "hill", "lake", "barn"]
 _VERBS = ["walked", "ran", "flew", "wandered", "hurried", "strolled"]
@@ -102,8 +110,8 @@ def _prose_text(rng: random.Random) -> str:
 _MAKERS = {"math": _math_text, "code": _code_text, "prose": _prose_text}
 
 def nano_corpus(n: int, seed: int = 0, weights: dict | None = None) -> list[dict]:
-    "`n` pretraining samples `{'domain', 'text'}` drawn from the domains with `weights` (math 2 : code 1 : prose 1), the same for the same seed."
-    weights = weights or {"math": 2, "code": 1, "prose": 1}
+    "`n` pretraining samples `{'domain', 'text'}` drawn from the domains with `weights` (math 3 : code 1 : prose 1), the same for the same seed."
+    weights = weights or {"math": 3, "code": 1, "prose": 1}
     unknown = set(weights) - set(DOMAINS)
     if unknown or not weights: raise EPnGError(f"weights {weights!r}: give positive weights for domains among {DOMAINS}.")
     rng, names = random.Random(f"nano-corpus-{seed}"), list(weights)
@@ -113,11 +121,9 @@ def nano_corpus(n: int, seed: int = 0, weights: dict | None = None) -> list[dict
 # %% ../nbs/05b_nano.ipynb #5c9ca03f
 def nano_config(**overrides):
     "The nano OLMoE: byte vocabulary (259), 4 layers, hidden 128, 16 experts of width 64, top-2, router aux loss 0.01."
-    tok = byte_tokenizer()
-    kwargs = dict(vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                  num_experts=16, intermediate_size=64, num_experts_per_tok=2, max_position_embeddings=512,
-                  router_aux_loss_coef=0.01, output_router_logits=False, pad_token_id=tok.pad_token_id,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    kwargs = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, num_experts=16,
+                  intermediate_size=64, num_experts_per_tok=2, max_position_embeddings=512, router_aux_loss_coef=0.01,
+                  output_router_logits=False, **byte_model_ids())
     kwargs.update(overrides)
     return tiny_moe_config("olmoe", **kwargs)
 
@@ -175,7 +181,7 @@ def pretrain_nano(out_dir, steps: int = 1000, seed: int = 0, batch_size: int = 8
 # %% ../nbs/05b_nano.ipynb #103246ea
 NANO_MODEL_DIR = "nano_model"
 NANO_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "pretraining.json")
+              "pretraining.json", "comparison.json")  # the last one: the methods compared on it (notebook 06d)
 
 def nano_model_path() -> Path:
     "The folder of the nano model shipped inside the package."
@@ -188,6 +194,25 @@ def load_nano(path=None, dtype=torch.float32):
         raise EPnGError(f"no nano model in {path}: run pretrain_nano({str(path)!r}) (notebook 05b_nano) to create it.")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+# %% ../nbs/05b_nano.ipynb #455a8954
+_WORKED_FROM = ("?", ". First", "Again:")  # where a word problem, a chained drill and an echo start their worked part
+
+def worked_prompts(rows: list[dict]) -> list[tuple[str, str]]:
+    "`(prompt, expected continuation)` for the math rows that have a worked part (bare facts have none)."
+    pairs = []
+    for row in (r for r in rows if r["domain"] == "math"):
+        mark = next((m for m in _WORKED_FROM if m in row["text"]), None)
+        if mark is None: continue
+        cut = row["text"].index(mark) + len(mark)
+        pairs.append((row["text"][:cut], row["text"][cut:]))
+    return pairs
+
+def continuation_accuracy(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32) -> float:
+    "Share of prompts whose greedy continuation begins with the expected text, to the last byte."
+    longest = max(len(tokenizer(expected, add_special_tokens=False)["input_ids"]) for _, expected in pairs)
+    outs = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=longest, batch_size=batch_size, progress=False)
+    return sum(out.startswith(expected) for out, (_, expected) in zip(outs, pairs)) / len(pairs)
 
 # %% ../nbs/05b_nano.ipynb #8f16e17b
 @torch.no_grad()

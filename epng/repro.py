@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from .moe import EPnGError, PAPER_MODELS, offline_config, meta_model, find_moe_layers, count_parameters, trainable_share
 from .loop import LORA_METHODS
 from .train import TrainArgs, train, load_model_and_tokenizer
-from .data import byte_tokenizer, load_rows, read_json_rows, SFTDataset, make_batches
+from .data import byte_tokenizer, byte_model_ids, load_rows, read_json_rows, SFTDataset, make_batches
 from .eval import (load_eval_rows, generate, evaluate_gsm8k, evaluate_math, evaluate_code, evaluate_general,
                        local_task_configs, pairwise_win_rate, OpenAIJudge)
 
@@ -440,11 +440,9 @@ def save_tiny_model(arch: str, folder, seed: int = 0, **overrides) -> Path:
     "Save a random-weight tiny MoE of `arch` with the byte tokenizer into `folder` (loads with `from_pretrained`)."
     from transformers import AutoModelForCausalLM
     from epng.moe import tiny_moe_config
-    tokenizer = byte_tokenizer()
-    shape = dict(vocab_size=len(tokenizer), num_hidden_layers=4, num_experts=16, hidden_size=64,
-                 max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                 eos_token_id=tokenizer.eos_token_id, **overrides)
+    shape = dict(num_hidden_layers=4, num_experts=16, hidden_size=64, max_position_embeddings=512, **byte_model_ids(),
+                 **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_moe_config(arch, **shape))
-    folder = Path(folder); model.save_pretrained(folder); tokenizer.save_pretrained(folder)
+    folder = Path(folder); model.save_pretrained(folder); byte_tokenizer().save_pretrained(folder)
     return folder
