@@ -82,14 +82,14 @@ def comparison_table(runs: list[dict]) -> str:
         lines.append(f"{method:<11} {f['n']:>5}  {cell(f)} {cell(strict[method])} {f['share']:7.3%} {f['train_s']:7.0f}")
     return "\n".join(lines)
 
-def plot_comparison(runs: list[dict], key: str = "flexible", ax=None):
-    "Bars at the mean over seeds, every seed as a dot: the spread is there to see."
+def plot_comparison(runs: list[dict], key: str = "flexible", ax=None, ylim=(0, 1), skip=()):
+    "Bars at the mean over seeds, every seed as a dot: the spread is there to see. `skip` leaves methods out."
     ax = ax or plt.subplots(figsize=(7, 3))[1]
-    table = summarize(runs, key)
+    table = {m: s for m, s in summarize(runs, key).items() if m not in skip}
     for i, (method, s) in enumerate(table.items()):
         ax.bar(i, s["mean"], color="tab:gray" if method == "base" else "tab:blue", alpha=0.7)
         ax.scatter([i] * s["n"], [r[key] for r in runs if r["method"] == method], color="black", s=12, zorder=3)
-    ax.set_xticks(range(len(table)), list(table)); ax.set_ylim(0, 1); ax.set_ylabel(f"exact match ({key})")
+    ax.set_xticks(range(len(table)), list(table), rotation=20); ax.set_ylim(*ylim); ax.set_ylabel(f"exact match ({key})")
     return ax
 
 # %% ../nbs/06d_nano_compare.ipynb #59e51d54
