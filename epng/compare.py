@@ -31,11 +31,12 @@ def run_method(method: str, seed: int, train_file, test_rows: list[dict], max_ne
                esft_batches: int = 8, **settings) -> dict:
     "Fine-tune the nano model with one method and seed (`settings` override `NANO_SETTINGS`), then score it on `test_rows`."
     if method not in COMPARED: raise EPnGError(f"method={method!r}: compare one of {COMPARED}.")
-    args = TrainArgs(model=str(nano_model_path()), dataset=str(train_file), method=method, seed=seed, bf16=False,
-                     esft_batches=esft_batches, output_dir=tempfile.mkdtemp(), **{**NANO_SETTINGS, **settings})
-    start = time.time()
-    result = train(args, progress=False)
-    train_s = time.time() - start
+    with tempfile.TemporaryDirectory() as out:  # the run's checkpoint and figures are not kept: the scores are
+        args = TrainArgs(model=str(nano_model_path()), dataset=str(train_file), method=method, seed=seed, bf16=False,
+                         esft_batches=esft_batches, output_dir=out, **{**NANO_SETTINGS, **settings})
+        start = time.time()
+        result = train(args, progress=False)
+        train_s = time.time() - start
     scores = nano_eval(result["model"], result["tokenizer"], test_rows, max_new_tokens=max_new_tokens)
     ranks = result["tuner"].ranks if method in LORA_METHODS else None
     return dict(method=method, seed=seed, flexible=scores["flexible"], strict=scores["strict"], share=result["share"],
