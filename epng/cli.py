@@ -9,9 +9,10 @@ import torch
 from .moe import EPnGError
 from .loop import METHODS, LORA_METHODS
 from .train import TrainArgs, train
+from .nano import pretrain_nano, nano_model_path
 
 # %% auto #0
-__all__ = ['rank_table', 'add_train_options', 'report', 'main']
+__all__ = ['rank_table', 'add_train_options', 'report', 'add_pretrain_options', 'pretrain_command', 'main']
 
 # %% ../nbs/09_cli.ipynb #3368e088
 def rank_table(ranks: torch.Tensor) -> str:
@@ -21,7 +22,7 @@ def rank_table(ranks: torch.Tensor) -> str:
     return "\n".join([header, "-" * len(header), *rows])
 
 # %% ../nbs/09_cli.ipynb #2d8f49d5
-_HELP = {"model": "hub id, local folder, or 'embedded' (a small OLMoE, offline)",
+_HELP = {"model": "hub id, local folder, or 'embedded' (the nano OLMoE, offline)",
          "dataset": "metamathqa, codealpaca, a .json/.jsonl file, or 'embedded'",
          "method": f"one of {', '.join(METHODS)}", "resume": "a checkpoint folder, or 'latest' in --output-dir",
          "batch_size": "per process and micro-batch", "grad_accum": "micro-batches per optimizer step"}
@@ -50,15 +51,34 @@ def report(result: dict) -> str:
         if key in result: lines.append(f"{key:10s} saved in {result[key]}")
     return "\n".join(lines)
 
+def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
+    "The shipped nano model's recipe as defaults: the same seed and thread count give the same weights."
+    parser.add_argument("--output-dir", default=None, help="where to save it (default: the package's nano_model folder)")
+    parser.add_argument("--steps", type=int, default=6000, help="optimizer steps of 8 × 256 bytes (default: 6000)")
+    parser.add_argument("--seed", type=int, default=1, help="corpus, order and initialisation (default: 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; another count rounds differently (default: 1)")
+
+def pretrain_command(options: dict) -> str:
+    "Run `pretrain_nano` as `epng pretrain-nano` asks; returns the summary to print."
+    if options["steps"] < 1 or options["threads"] < 1: raise EPnGError("--steps and --threads must be at least 1.")
+    torch.set_num_threads(options["threads"])
+    out = options["output_dir"] or nano_model_path()
+    record = pretrain_nano(out, steps=options["steps"], seed=options["seed"])
+    return (f"nano model saved in {out}: {record['steps']} steps, seed {record['seed']}, loss "
+            f"{record['losses'][0]:.3f} → {record['losses'][-1]:.3f}, {record['wall_s']:.0f} s")
+
 def main(argv: list[str] | None = None) -> None:
     "Entry point of the `epng` command."
     parser = argparse.ArgumentParser(prog="epng", description="Expert Prune-and-Grow for MoE LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_options(commands.add_parser("train", help="fine-tune an MoE (no options: the embedded default, offline)"))
+    add_pretrain_options(commands.add_parser("pretrain-nano", help="regenerate the nano model (notebook 05b), about 30 min"))
     options = vars(parser.parse_args(argv))
-    options.pop("command")
-    try: result = train(TrainArgs(**options))
-    except EPnGError as e: parser.exit(2, f"epng train: error: {e}\n")
+    command = options.pop("command")
+    try:
+        if command == "pretrain-nano": print(pretrain_command(options)); return
+        result = train(TrainArgs(**options))
+    except EPnGError as e: parser.exit(2, f"epng {command}: error: {e}\n")
     if result["rank"] == 0: print(report(result))
 
 # %% ../nbs/09_cli.ipynb #8b70424b

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05b_nano.ipynb #c54d6daa
 from __future__ import annotations
-import json, math, platform, random, re, time, zlib
+import json, math, platform, random, re, shutil, time, zlib
 from importlib import resources
 from pathlib import Path
 import torch
@@ -14,6 +14,7 @@ from .moe import EPnGError, tiny_moe_config
 from .data import byte_tokenizer, byte_model_ids
 from .gates import gate_stats, plot_expert_heatmap
 from .eval import evaluate_gsm8k, extract_gsm8k, gsm8k_correct, generate
+from .checkpoint import atomic_dir
 
 # %% auto #0
 __all__ = ['DOMAINS', 'NANO_MODEL_DIR', 'NANO_FILES', 'NANO_SPLITS', 'nano_corpus', 'nano_config', 'pack_corpus', 'lr_at',
@@ -169,13 +170,16 @@ def pretrain_nano(out_dir, steps: int = 1000, seed: int = 0, batch_size: int = 8
         bar.set_postfix(loss=f"{lm:.3f}")
     wall = time.time() - start
     model.config.output_router_logits = False  # fine-tuning decides for itself
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir); tokenizer.save_pretrained(out_dir)
     record = dict(seed=seed, steps=steps, batch_size=batch_size, block_size=block_size, lr=lr, warmup=warmup,
                   tokens=steps * batch_size * block_size, wall_s=round(wall, 1), torch_threads=torch.get_num_threads(),
                   machine=f"{platform.machine()} {platform.processor() or platform.system()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
                   losses=losses, aux_losses=aux)
-    (out_dir / "pretraining.json").write_text(json.dumps(record))
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:  # a run killed while saving leaves the old model whole
+        model.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
+        (tmp / "pretraining.json").write_text(json.dumps(record))
+        kept = [f for f in out_dir.glob("*") if f.is_file() and not (tmp / f.name).exists()]
+        for f in kept: shutil.copy2(f, tmp / f.name)  # files the run does not write (06d's comparison.json) stay
     return record
 
 # %% ../nbs/05b_nano.ipynb #103246ea
