@@ -99,17 +99,21 @@ def phase_timers(h, totals: dict):
     import epng.growth as growth
     def wrap(fn, key):
         def timed(*a, **k):
-            t0 = time.perf_counter()
+            sync_all(); t0 = time.perf_counter()
             try: return fn(*a, **k)
-            finally: totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
+            finally: sync_all(); totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
         return timed
-    original = growth.grow_capacity
-    h.plan, h.prune, h.grow = wrap(h.plan, "plan"), wrap(h.prune, "prune"), wrap(h.grow, "grow")
-    growth.grow_capacity = wrap(original, "capacity")
+    originals = {name: getattr(growth, name) for name in ("prune_experts", "grow_experts", "grow_capacity")}
+    h.plan = wrap(h.plan, "plan")
+    for name, key in (("prune_experts", "prune"), ("grow_experts", "grow"), ("grow_capacity", "capacity")):
+        setattr(growth, name, wrap(originals[name], key))
     try: yield
     finally:
-        growth.grow_capacity = original
-        for name in ("plan", "prune", "grow"): delattr(h, name)
+        for name, fn in originals.items(): setattr(growth, name, fn)
+        del h.plan
+
+def sync_all():
+    if torch.cuda.is_available(): torch.cuda.synchronize()
 
 def pct(x: float) -> str: return f"{100 * x:+.2f} %"
 

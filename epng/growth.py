@@ -15,35 +15,37 @@ from .lora import (ExpertLoRA, kaiming_rows, round_up, install_expert_lora, merg
                        set_experts_implementation)
 
 # %% auto #0
-__all__ = ['orthogonal_rows', 'zero_slots', 'grow_capacity', 'rank_limit', 'prune_expert', 'grow_expert', 'EPnGHandle', 'attach']
+__all__ = ['project_off_live_rows', 'slot_mask', 'zero_slots', 'grow_capacity', 'rank_limit', 'prune_experts', 'grow_experts',
+           'EPnGHandle', 'attach']
 
-# %% ../nbs/05_growth.ipynb #8eca8580
-def orthogonal_rows(existing: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    "`n` new LoRA A rows, Kaiming-uniform, projected off the span of the rows of `existing` (r × in)."
-    new = kaiming_rows(n, existing.shape[-1], dtype=torch.float32, device=existing.device, generator=generator)
-    if existing.shape[0]:
-        q, _ = torch.linalg.qr(existing.detach().float().T)   # (in, r): orthonormal basis of the existing rows
-        new = new - (new @ q) @ q.T
-    return new.to(existing.dtype)
+# %% ../nbs/05_growth.ipynb #1f53ded1
+def project_off_live_rows(a: torch.Tensor, ranks: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    "For each of G experts: `new[g]` (n × in) projected off the span of the first `ranks[g]` rows of `a[g]` (capacity × in)."
+    a = a[:, :min(a.shape[1], a.shape[2])]                                 # a rank never exceeds `in`
+    live = torch.arange(a.shape[1], device=a.device) < ranks[:, None]     # (G, slots)
+    q, _ = torch.linalg.qr((a.float() * live[..., None]).transpose(1, 2)) # (G, in, slots)
+    q = q * live[:, None, :]                                              # keep the live rows' basis only
+    return new - (new @ q) @ q.transpose(1, 2)
 
 # %% ../nbs/05_growth.ipynb #863b83ee
-def _factor_slots(lora: ExpertLoRA):
-    "Each factor parameter with the index of (expert, slot range) in it: rows of A, columns of B."
-    for target in lora.shapes:
-        yield lora.A[target], (lambda e, s: (e, s))
-        yield lora.B[target], (lambda e, s: (e, slice(None), s))
-
 def _optimizer_tensors(optimizer, param: nn.Parameter) -> dict:
     if optimizer is None: return {}
     return {k: v for k, v in optimizer.state.get(param, {}).items() if torch.is_tensor(v) and v.shape == param.shape}
 
+def slot_mask(lora: ExpertLoRA, experts: list[int], starts: list[int], stops: list[int]) -> torch.Tensor:
+    "(experts × capacity) bool mask, True on slots [start, stop) of each listed expert."
+    slots = torch.arange(lora.capacity)
+    mask = torch.zeros(lora.num_experts, lora.capacity, dtype=torch.bool)
+    for expert, start, stop in zip(experts, starts, stops): mask[expert] = (slots >= start) & (slots < stop)
+    return mask.to(lora.ranks.device)
+
 @torch.no_grad()
-def zero_slots(lora: ExpertLoRA, expert: int, start: int, stop: int, optimizer=None) -> None:
-    "Zero slots [start, stop) of `expert`: factors, gradients and optimizer state."
-    for param, index in _factor_slots(lora):
-        idx = index(expert, slice(start, stop))
-        for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()]:
-            if t is not None: t[idx] = 0
+def zero_slots(lora: ExpertLoRA, mask: torch.Tensor, optimizer=None) -> None:
+    "Zero the slots where `mask` (experts × capacity) is True: factors, gradients and optimizer state."
+    for target in lora.shapes:   # a slot is a row of A and a column of B
+        for param, where in ((lora.A[target], mask[:, :, None]), (lora.B[target], mask[:, None, :])):
+            for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()]:
+                if t is not None: t.masked_fill_(where, 0)
 
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     shape = list(t.shape); shape[dim] = size
@@ -78,24 +80,36 @@ def rank_limit(lora: ExpertLoRA) -> int:
     "Largest rank an expert can hold: the smaller side of its smallest projection."
     return min(min(shape) for shape in lora.shapes.values())
 
-def prune_expert(lora: ExpertLoRA, expert: int, optimizer=None) -> None:
-    "Remove `expert`'s LoRA on every target: factors, gradients and optimizer state zeroed, rank 0."
-    zero_slots(lora, expert, 0, lora.capacity, optimizer)
-    lora.ranks[expert] = 0
+def prune_experts(lora: ExpertLoRA, experts: list[int], optimizer=None) -> None:
+    "Remove the LoRA of `experts` on every target: factors, gradients and optimizer state zeroed, rank 0."
+    zero_slots(lora, slot_mask(lora, experts, [0] * len(experts), [lora.capacity] * len(experts)), optimizer)
+    lora.ranks[torch.tensor(experts, device=lora.ranks.device)] = 0
 
 @torch.no_grad()
-def grow_expert(lora: ExpertLoRA, expert: int, n: int, optimizer=None, generator: torch.Generator | None = None) -> None:
-    "Add `n` ranks to `expert`: orthogonal Kaiming A rows, zero B columns, zero optimizer state for them."
-    r = int(lora.ranks[expert])
-    if r + n > rank_limit(lora):
-        raise EPnGError(f"cannot grow an expert from rank {r} by {n}: its projections allow at most rank "
-                        f"{rank_limit(lora)}; use a smaller step or set EPnGConfig.max_rank.")
-    if r + n > lora.capacity: grow_capacity(lora, round_up(r + n), optimizer)
-    zero_slots(lora, expert, r, r + n, optimizer)
-    for target in lora.shapes:
-        a = lora.A[target]
-        a.data[expert, r:r + n] = orthogonal_rows(a.data[expert, :r], n, generator)
-    lora.ranks[expert] = r + n
+def grow_experts(lora: ExpertLoRA, experts: list[int], ns: list[int], optimizer=None,
+                 generator: torch.Generator | None = None) -> None:
+    "Add `ns[i]` ranks to `experts[i]`: orthogonal Kaiming A rows, zero B columns, zero optimizer state for them."
+    ranks = lora.ranks.tolist()                                           # one host sync for the whole layer
+    starts = [ranks[e] for e in experts]
+    stops = [r + n for r, n in zip(starts, ns)]
+    for r, n in zip(starts, ns):
+        if r + n > rank_limit(lora):
+            raise EPnGError(f"cannot grow an expert from rank {r} by {n}: its projections allow at most rank "
+                            f"{rank_limit(lora)}; use a smaller step or set EPnGConfig.max_rank.")
+    if max(stops) > lora.capacity: grow_capacity(lora, round_up(max(stops)), optimizer)
+    zero_slots(lora, slot_mask(lora, experts, starts, stops), optimizer)
+    device, width = lora.ranks.device, max(ns)
+    drawn = {t: [] for t in lora.shapes}   # expert by expert, target by target: the order a resumed run repeats
+    for n in ns:
+        for t in lora.shapes:
+            drawn[t].append(kaiming_rows(n, lora.A[t].shape[2], device=device, generator=generator))
+    index, starts_t = torch.tensor(experts, device=device), torch.tensor(starts, device=device)
+    new_rows = torch.arange(width, device=device) < torch.tensor(ns, device=device)[:, None]   # (G, width)
+    dest = (index[:, None].expand(-1, width)[new_rows], (starts_t[:, None] + torch.arange(width, device=device))[new_rows])
+    for t in lora.shapes:
+        new = torch.stack([nn.functional.pad(d, (0, 0, 0, width - d.shape[0])) for d in drawn[t]])  # (G, width, in)
+        lora.A[t].data[dest] = project_off_live_rows(lora.A[t].data[index], starts_t, new)[new_rows].to(lora.A[t].dtype)
+    lora.ranks[index] = torch.tensor(stops, device=device)
 
 # %% ../nbs/05_growth.ipynb #b56ff187
 class EPnGHandle:
@@ -147,7 +161,7 @@ class EPnGHandle:
 
     def prune(self, layer: int, expert: int) -> None:
         "Remove the LoRA of `expert` in MoE layer `layer` (rank → 0)."
-        prune_expert(self._check(layer, expert), expert, self.optimizer)
+        prune_experts(self._check(layer, expert), [expert], self.optimizer)
 
     def grow(self, layer: int, expert: int, n: int, generator: torch.Generator | None = None) -> None:
         "Add `n` orthogonally initialised ranks to `expert` in MoE layer `layer` (new rows drawn from `generator`)."
@@ -155,7 +169,7 @@ class EPnGHandle:
         if not (isinstance(n, int) and n >= 1): raise EPnGError(f"grow needs a whole number of ranks >= 1, got {n!r}")
         if int(lora.ranks[expert]) + n > self.max_rank:
             raise EPnGError(f"growing expert ({layer}, {expert}) by {n} passes max_rank={self.max_rank}.")
-        grow_expert(lora, expert, n, self.optimizer, generator)
+        grow_experts(lora, [expert], [n], self.optimizer, generator)
 
     def factors(self, layer: int, expert: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
         "The active `(A: r × in, B: out × r)` of one expert's target projection (detached views)."
@@ -174,8 +188,14 @@ class EPnGHandle:
         "Carry out `plan`: prune, then grow (new A rows drawn from `generator`, the global RNG if None)."
         if not torch.equal(plan.ranks_before, self.ranks):
             raise EPnGError("this plan was made for other ranks than the model has now: make a new plan.")
-        for layer, expert in plan.pruned.nonzero().tolist(): self.prune(layer, expert)
-        for layer, expert in plan.added.nonzero().tolist(): self.grow(layer, expert, int(plan.added[layer, expert]), generator)
+        grown = plan.added > 0
+        if grown.any() and int((plan.ranks_before + plan.added)[grown].max()) > self.max_rank:
+            raise EPnGError(f"this plan grows an expert past max_rank={self.max_rank}: make it with that max_rank.")
+        for layer, lora in enumerate(self.loras):   # one batch per layer: a cycle touches dozens of experts
+            if plan.pruned[layer].any(): prune_experts(lora, plan.pruned[layer].nonzero().flatten().tolist(), self.optimizer)
+        for layer, lora in enumerate(self.loras):
+            experts = grown[layer].nonzero().flatten().tolist()
+            if experts: grow_experts(lora, experts, plan.added[layer, experts].tolist(), self.optimizer, generator)
 
     def cycle(self, generator: torch.Generator | None = None, **plan_kwargs) -> CyclePlan:
         "One prune-and-grow cycle: plan from importance, apply, decay the statistics by λ."

@@ -11,7 +11,7 @@ from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_f
 from .moe import MoELayer, EPnGError
 
 # %% auto #0
-__all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'ExpertLoRA', 'expert_offsets',
+__all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'block_diagonal', 'ExpertLoRA', 'expert_offsets',
            'epng_experts_forward', 'set_experts_implementation', 'lora_dtype', 'install_expert_lora',
            'merge_expert_lora']
 
@@ -30,6 +30,13 @@ def round_up(n: int, multiple: int = 8) -> int:
 # %% ../nbs/04_expert_lora.ipynb #08f66f93
 OUTPUT_BLOCK = {"gate_proj": 0, "up_proj": 1, "down_proj": 0}  # where a target's rows sit in its fused weight's output
 
+def block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
+    "Per-expert block-diagonal stack of (E, out_k, R) factors: (E, Σ out_k, n·R); one block is returned as it is."
+    if len(blocks) == 1: return blocks[0]
+    rows = [torch.cat([b if j == k else b.new_zeros(b.shape) for j in range(len(blocks))], dim=2)
+            for k, b in enumerate(blocks)]
+    return torch.cat(rows, dim=1)
+
 # %% ../nbs/04_expert_lora.ipynb #d9234420
 class ExpertLoRA(nn.Module):
     "LoRA factors of all experts of one MoE layer; expert e uses the first `ranks[e]` of the padded rank slots."
@@ -37,6 +44,7 @@ class ExpertLoRA(nn.Module):
         super().__init__()
         self.shapes, self.scaling = dict(shapes), scaling
         self.per_token_a = None  # None: decide by device and width (token_level_a); True/False to force
+        self.one_b = None        # None: decide by device (one_grouped_b); True/False to force
         self.register_buffer("ranks", torch.full((num_experts,), rank, dtype=torch.long, device=device))
         capacity = round_up(rank)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
@@ -65,10 +73,11 @@ class ExpertLoRA(nn.Module):
     def add_delta(self, out: torch.Tensor, targets: tuple, x: torch.Tensor, offsets: torch.Tensor, live: torch.Tensor,
                   tokens: tuple | None = None) -> torch.Tensor:
         """Add s·B_e A_e x of each of `targets` (all reading the rows `x`) to its columns of `out`, in place.
-        A is stacked so that one matmul projects every target; each B then writes only its own columns, so no
-        (rows × Σ out) LoRA output ever exists beside `out`. With `tokens = (hidden_states, token_of_row,
-        expert_of_row)` the A projection runs once per token for all experts (one dense matmul) and each row gathers
-        its expert's part."""
+        A is stacked so that one matmul projects every target. B either writes each target's own columns (only one
+        target's output exists beside `out` at a time) or, when the targets fill `out` and `one_grouped_b` says so,
+        is one block-diagonal weight whose output is added to all of `out` at once. With `tokens = (hidden_states,
+        token_of_row, expert_of_row)` the A projection runs once per token for all experts (one dense matmul) and
+        each row gathers its expert's part."""
         a = torch.cat([self.A[t] for t in targets], dim=1).to(x.dtype)            # (E, n·R, in)
         if tokens is None: u = _grouped_linear(x, a, offsets)                      # (S, n·R)
         else:
@@ -76,6 +85,10 @@ class ExpertLoRA(nn.Module):
             per_token = hidden @ a.flatten(0, 1).T                                  # (T, E·n·R)
             u = per_token.view(hidden.shape[0], a.shape[0], a.shape[1])[token_of_row, expert_of_row]
         u = u * (self.scaling * live.repeat(1, len(targets)))                      # scaled here: u is small
+        fills_out = sum(self.shapes[t][1] for t in targets) == out.shape[1]
+        if fills_out and (len(targets) == 1 or self.one_grouped_b(x.device)):
+            b = block_diagonal([self.B[t] for t in targets]).to(x.dtype)            # (E, Σ out, n·R)
+            return out.add_(_grouped_linear(u, b, offsets))
         R = self.capacity
         for k, target in enumerate(targets):
             cols = self.output_rows(target)   # the weight's output rows are the activation's columns
@@ -86,6 +99,10 @@ class ExpertLoRA(nn.Module):
         "Where `target`'s outputs sit in its fused weight: gate rows first in `gate_up_proj`, all of `down_proj`."
         width = self.shapes[target][1]
         return slice(OUTPUT_BLOCK[target] * width, (OUTPUT_BLOCK[target] + 1) * width)
+
+    def one_grouped_b(self, device: torch.device) -> bool:
+        "All targets' B as one block-diagonal grouped matmul and one whole-tensor add? On GPUs (see the text above)."
+        return self.one_b if self.one_b is not None else device.type == "cuda"
 
     def token_level_a(self, device: torch.device, width: int) -> bool:
         "Project A per token (not per routed row)? On GPUs while E·`width` (width = n·R) is at most 2048 columns."
