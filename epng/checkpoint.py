@@ -198,8 +198,8 @@ def restore_adapter(handle: EPnGHandle, metadata: dict, tensors: dict) -> EPnGHa
     "Put saved ranks, capacity, factors, importance and budget into `handle`; the factors' optimizer state is zeroed."
     for l, lora in enumerate(handle.loras):
         if lora.capacity < metadata["capacity"][l]: grow_capacity(lora, metadata["capacity"][l], handle.optimizer)
-        zero_slots(lora, torch.ones(lora.num_experts, lora.capacity, dtype=torch.bool, device=lora.ranks.device),
-                   handle.optimizer)
+        everyone = list(range(lora.num_experts))
+        zero_slots(lora, everyone, [0] * len(everyone), [lora.capacity] * len(everyone), handle.optimizer)
         ranks = tensors[f"layers.{l}.ranks"]
         r = int(ranks.max())
         for target in lora.shapes:

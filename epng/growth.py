@@ -15,8 +15,8 @@ from .lora import (ExpertLoRA, kaiming_rows, round_up, install_expert_lora, merg
                        set_experts_implementation)
 
 # %% auto #0
-__all__ = ['project_off_live_rows', 'slot_mask', 'zero_slots', 'grow_capacity', 'rank_limit', 'prune_experts', 'grow_experts',
-           'EPnGHandle', 'attach']
+__all__ = ['project_off_live_rows', 'zero_slots', 'grow_capacity', 'rank_limit', 'prune_experts', 'grow_experts', 'EPnGHandle',
+           'attach']
 
 # %% ../nbs/05_growth.ipynb #1f53ded1
 def project_off_live_rows(a: torch.Tensor, ranks: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -32,20 +32,17 @@ def _optimizer_tensors(optimizer, param: nn.Parameter) -> dict:
     if optimizer is None: return {}
     return {k: v for k, v in optimizer.state.get(param, {}).items() if torch.is_tensor(v) and v.shape == param.shape}
 
-def slot_mask(lora: ExpertLoRA, experts: list[int], starts: list[int], stops: list[int]) -> torch.Tensor:
-    "(experts × capacity) bool mask, True on slots [start, stop) of each listed expert."
-    slots = torch.arange(lora.capacity)
-    mask = torch.zeros(lora.num_experts, lora.capacity, dtype=torch.bool)
-    for expert, start, stop in zip(experts, starts, stops): mask[expert] = (slots >= start) & (slots < stop)
-    return mask.to(lora.ranks.device)
-
 @torch.no_grad()
-def zero_slots(lora: ExpertLoRA, mask: torch.Tensor, optimizer=None) -> None:
-    "Zero the slots where `mask` (experts × capacity) is True: factors, gradients and optimizer state."
-    for target in lora.shapes:   # a slot is a row of A and a column of B
+def zero_slots(lora: ExpertLoRA, experts: list[int], starts: list[int], stops: list[int], optimizer=None) -> None:
+    "Zero slots [start, stop) of each listed expert: factors, gradients and optimizer state."
+    device = lora.ranks.device
+    slots = torch.arange(lora.capacity, device=device)
+    mask = (slots >= torch.tensor(starts, device=device)[:, None]) & (slots < torch.tensor(stops, device=device)[:, None])
+    index = torch.tensor(experts, device=device)
+    for target in lora.shapes:   # a slot is a row of A and a column of B; only the listed experts are read and written
         for param, where in ((lora.A[target], mask[:, :, None]), (lora.B[target], mask[:, None, :])):
             for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()]:
-                if t is not None: t.masked_fill_(where, 0)
+                if t is not None: t[index] = t[index].masked_fill(where, 0)
 
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     shape = list(t.shape); shape[dim] = size
@@ -82,7 +79,7 @@ def rank_limit(lora: ExpertLoRA) -> int:
 
 def prune_experts(lora: ExpertLoRA, experts: list[int], optimizer=None) -> None:
     "Remove the LoRA of `experts` on every target: factors, gradients and optimizer state zeroed, rank 0."
-    zero_slots(lora, slot_mask(lora, experts, [0] * len(experts), [lora.capacity] * len(experts)), optimizer)
+    zero_slots(lora, experts, [0] * len(experts), [lora.capacity] * len(experts), optimizer)
     lora.ranks[torch.tensor(experts, device=lora.ranks.device)] = 0
 
 @torch.no_grad()
@@ -97,7 +94,7 @@ def grow_experts(lora: ExpertLoRA, experts: list[int], ns: list[int], optimizer=
             raise EPnGError(f"cannot grow an expert from rank {r} by {n}: its projections allow at most rank "
                             f"{rank_limit(lora)}; use a smaller step or set EPnGConfig.max_rank.")
     if max(stops) > lora.capacity: grow_capacity(lora, round_up(max(stops)), optimizer)
-    zero_slots(lora, slot_mask(lora, experts, starts, stops), optimizer)
+    zero_slots(lora, experts, starts, stops, optimizer)
     device, width = lora.ranks.device, max(ns)
     drawn = {t: [] for t in lora.shapes}   # expert by expert, target by target: the order a resumed run repeats
     for n in ns:
