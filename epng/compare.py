@@ -7,6 +7,7 @@ from __future__ import annotations
 import json, statistics, tempfile, time
 from pathlib import Path
 import torch
+import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .moe import EPnGError
 from .loop import LORA_METHODS
