@@ -94,14 +94,14 @@ def hook_time(args, h, model, optimizer, ids, mask, steps: int) -> float:
     return spent[0] / steps
 
 @contextmanager
-def phase_timers(h, totals: dict):
+def phase_timers(h, totals: dict, device: str):
     "Accumulate host time per cycle phase (plan, prune, grow, capacity swaps inside grow) without changing behaviour."
     import epng.growth as growth
     def wrap(fn, key):
         def timed(*a, **k):
-            sync_all(); t0 = time.perf_counter()
+            sync(device); t0 = time.perf_counter()
             try: return fn(*a, **k)
-            finally: sync_all(); totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
+            finally: sync(device); totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
         return timed
     originals = {name: getattr(growth, name) for name in ("prune_experts", "grow_experts", "grow_capacity")}
     h.plan = wrap(h.plan, "plan")
@@ -111,9 +111,6 @@ def phase_timers(h, totals: dict):
     finally:
         for name, fn in originals.items(): setattr(growth, name, fn)
         del h.plan
-
-def sync_all():
-    if torch.cuda.is_available(): torch.cuda.synchronize()
 
 def pct(x: float) -> str: return f"{100 * x:+.2f} %"
 
@@ -175,7 +172,7 @@ def main():
         step = max(cfg_e.warmup_steps, cfg_e.interval) + k * cfg_e.interval
         train_step(model, optimizer, ids, mask)   # fresh statistics, optimizer state, gradients cleared
         capacity, phases = h.loras[0].capacity, {}
-        with phase_timers(h, phases):
+        with phase_timers(h, phases, args.device):
             sync(args.device); t0 = time.perf_counter()
             record = controller.step_end(step, optimizer)
             sync(args.device); dt = time.perf_counter() - t0
