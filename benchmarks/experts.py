@@ -2,6 +2,7 @@
 
     python benchmarks/experts.py                 # CPU, fp32
     python benchmarks/experts.py --device cuda   # GPU, bf16
+    python benchmarks/experts.py --threads 1     # CPU on one thread: steadier on a shared machine
 
 Variants, all on the same block (H 2048, I 1024, 64 experts, top-8), the input requiring grad:
   base        frozen experts, transformers' grouped_mm path
@@ -81,8 +82,10 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     ap.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads: torch.set_num_threads(args.threads)
     if args.peak_of:
         print(json.dumps(cpu_peak(args.peak_of, args.tokens))); return
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -107,10 +110,12 @@ def main():
     if args.device == "cpu":
         del built; gc.collect()
         for v in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--peak-of", v, "--tokens", str(args.tokens)],
+            out = subprocess.run([sys.executable, __file__, "--peak-of", v, "--tokens", str(args.tokens),
+                                  *(["--threads", str(args.threads)] if args.threads else [])],
                                  capture_output=True, text=True, check=True)
             peaks[v] = json.loads(out.stdout.strip().splitlines()[-1])
-    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    name = (torch.cuda.get_device_name() if args.device == "cuda"
+            else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} thread(s))")
     print(f"one OLMoE-width MoE block, {args.tokens} tokens, {str(dtype).split('.')[-1]}, {name}, "
           f"torch {torch.__version__}, {args.rounds} interleaved rounds")
     base_t, base_m = statistics.median(times["base"]), peaks["base"]

@@ -11,8 +11,8 @@ from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_f
 from .moe import MoELayer, EPnGError
 
 # %% auto #0
-__all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'block_diagonal', 'ExpertLoRA', 'expert_offsets',
-           'epng_experts_forward', 'set_experts_implementation', 'lora_dtype', 'install_expert_lora',
+__all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'block_diagonal', 'AddIntoColumns', 'ExpertLoRA',
+           'expert_offsets', 'epng_experts_forward', 'set_experts_implementation', 'lora_dtype', 'install_expert_lora',
            'merge_expert_lora']
 
 # %% ../nbs/04_expert_lora.ipynb #e0ea4f78
@@ -36,6 +36,20 @@ def block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
     rows = [torch.cat([b if j == k else b.new_zeros(b.shape) for j in range(len(blocks))], dim=2)
             for k, b in enumerate(blocks)]
     return torch.cat(rows, dim=1)
+
+class AddIntoColumns(torch.autograd.Function):
+    """`out[:, cols] += part` in place. The backward hands `out`'s gradient on as it is and `part` its columns of it, a
+    view; autograd's own in-place add into a column slice would copy the whole gradient (see below)."""
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, cols: slice, part: torch.Tensor) -> torch.Tensor:
+        out[:, cols].add_(part)
+        ctx.mark_dirty(out)
+        ctx.cols = cols
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, grad[:, ctx.cols]
 
 # %% ../nbs/04_expert_lora.ipynb #d9234420
 class ExpertLoRA(nn.Module):
@@ -90,9 +104,9 @@ class ExpertLoRA(nn.Module):
             b = block_diagonal([self.B[t] for t in targets]).to(x.dtype)            # (E, Σ out, n·R)
             return out.add_(_grouped_linear(u, b, offsets))
         R = self.capacity
-        for k, target in enumerate(targets):
-            cols = self.output_rows(target)   # the weight's output rows are the activation's columns
-            out[:, cols].add_(_grouped_linear(u[:, k * R:(k + 1) * R], self.B[target].to(x.dtype), offsets))
+        for k, target in enumerate(targets):  # one target's output at a time beside `out`
+            part = _grouped_linear(u[:, k * R:(k + 1) * R], self.B[target].to(x.dtype), offsets)
+            out = AddIntoColumns.apply(out, self.output_rows(target), part)  # weight rows = activation columns
         return out
 
     def output_rows(self, target: str) -> slice:

@@ -123,3 +123,25 @@ def test_merged_model_matches_and_is_plain(tiny):
     assert not [n for n in merged.state_dict() if "epng" in n]
     model.train(); model(input_ids=ids)  # the handle still collects after merging
     assert h.importance.counts.sum() > 0
+
+
+def _full_width_copies(model, ids, width):
+    "Copies or clones of a (rows × `width`) tensor during one forward + backward, counted by the profiler."
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return sum(1 for e in prof.events() if e.name in ("aten::copy_", "aten::clone")
+               and e.input_shapes and len(e.input_shapes[0]) == 2 and e.input_shapes[0][1] == width)
+
+
+def test_per_target_adds_copy_no_gradient(tiny, monkeypatch):
+    "LoRA's per-target B adds into gate_up's columns make no copy of the (rows × 2I) gradient (AddIntoColumns)."
+    model = tiny(intermediate_size=48)                         # 2I = 96, unlike every other width in the model
+    h = epng.attach(model)
+    ids = torch.randint(3, 256, (2, 16))
+    for lora in h.loras: lora.one_b = False
+    assert _full_width_copies(model, ids, 96) == 0
+    def autograd_slice_adds(out, cols, part):                  # the plain in-place add: the detector must see its copies
+        out[:, cols].add_(part); return out
+    monkeypatch.setattr(epng.lora.AddIntoColumns, "apply", autograd_slice_adds)
+    assert _full_width_copies(model, ids, 96) > 0
