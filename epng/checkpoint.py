@@ -12,7 +12,7 @@ from safetensors.torch import save_file, load_file
 from .moe import EPnGError, MoELayer, find_moe_layers
 from .selection import EPnGConfig
 from .lora import ExpertLoRA
-from .growth import EPnGHandle, attach, grow_capacity, zero_slots
+from .growth import EPnGHandle, attach, grow_capacity, prune_experts
 
 # %% auto #0
 __all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'FORMAT_VERSION', 'atomic_save_torch', 'atomic_write_json', 'atomic_dir',
@@ -198,8 +198,7 @@ def restore_adapter(handle: EPnGHandle, metadata: dict, tensors: dict) -> EPnGHa
     "Put saved ranks, capacity, factors, importance and budget into `handle`; the factors' optimizer state is zeroed."
     for l, lora in enumerate(handle.loras):
         if lora.capacity < metadata["capacity"][l]: grow_capacity(lora, metadata["capacity"][l], handle.optimizer)
-        everyone = list(range(lora.num_experts))
-        zero_slots(lora, everyone, [0] * len(everyone), [lora.capacity] * len(everyone), handle.optimizer)
+        prune_experts(lora, list(range(lora.num_experts)), handle.optimizer)   # a clean slate; the saved ranks follow
         ranks = tensors[f"layers.{l}.ranks"]
         r = int(ranks.max())
         for target in lora.shapes:
