@@ -4,7 +4,7 @@
 
 # %% ../nbs/09a_repro.ipynb #b344995a
 from __future__ import annotations
-import gc, json, math, os, re, sys, tempfile, warnings
+import gc, json, math, os, re, shutil, subprocess, sys, tempfile, warnings
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import torch
@@ -13,8 +13,9 @@ from .moe import EPnGError, PAPER_MODELS, offline_config, meta_model, find_moe_l
 from .loop import LORA_METHODS
 from .train import TrainArgs, train, load_model_and_tokenizer
 from .data import byte_tokenizer, byte_model_ids, load_rows, read_json_rows, SFTDataset, make_batches
-from .eval import (load_eval_rows, generate, evaluate_gsm8k, evaluate_math, evaluate_code, evaluate_general,
-                       local_task_configs, pairwise_win_rate, OpenAIJudge)
+from .eval import (load_eval_rows, generate, evaluate_gsm8k, evaluate_math, evaluate_general, local_task_configs,
+                       pairwise_win_rate, OpenAIJudge)
+from .sandbox import evaluate_code, isolation_problem
 
 # %% auto #0
 __all__ = ['REPO_URL', 'DRIVE_ROOT', 'MODES', 'EXPERIMENTS', 'DOMAIN_OF', 'TRAIN_DATA', 'SCHEDULES', 'EVALS', 'SWEEPS',
@@ -59,8 +60,11 @@ def output_root(experiment: str, output_dir: str | None = None, use_drive: bool 
     return folder
 
 def colab_setup(mount_drive: bool = True) -> dict:
-    "On Colab: mount Drive if asked, read `HF_TOKEN` and `OPENAI_API_KEY` from the secrets. Says what it found."
+    "On Colab: install bubblewrap, mount Drive if asked, read `HF_TOKEN` and `OPENAI_API_KEY`. Says what it found."
     colab = in_colab()
+    if colab and shutil.which("bwrap") is None:  # the sandbox of generated code (notebook 07a)
+        for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "bubblewrap"]):
+            subprocess.run(step, check=False, stdout=subprocess.DEVNULL)
     if colab and mount_drive and not DRIVE_ROOT.is_dir():
         try:
             from google.colab import drive
@@ -68,7 +72,7 @@ def colab_setup(mount_drive: bool = True) -> dict:
         except Exception as e:
             print(f"Drive not mounted ({type(e).__name__}): outputs go to a temporary folder and vanish with the session.")
     info = {"colab": colab, "drive": DRIVE_ROOT.is_dir(), "hf_token": colab_secret("HF_TOKEN") is not None,
-            "judge_key": colab_secret("OPENAI_API_KEY") is not None}
+            "judge_key": colab_secret("OPENAI_API_KEY") is not None, "code_sandbox": isolation_problem() is None}
     print(", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in info.items()))
     return info
 
@@ -179,7 +183,8 @@ def check_model(model: str | None, mode: str, default: str) -> str:
 
 def resolve_params(experiment: str, mode: str = "auto", model: str | None = None, methods=None, tasks=None,
                    figures=None, ranks=None, fractions=None, eval_limit: int | None = None,
-                   max_steps: int | None = None, cuda: bool | None = None) -> ReproSetup:
+                   max_steps: int | None = None, cuda: bool | None = None,
+                   allow_unisolated_code: bool = False) -> ReproSetup:
     "Check a notebook's parameters and fill in the mode's defaults; an `EPnGError` for any unknown value."
     if experiment not in EXPERIMENTS: raise EPnGError(f"unknown experiment {experiment!r}: choose one of {list(EXPERIMENTS)}.")
     spec, mode = EXPERIMENTS[experiment], resolve_mode(mode, cuda)
@@ -192,6 +197,9 @@ def resolve_params(experiment: str, mode: str = "auto", model: str | None = None
         if isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1:
             raise EPnGError(f"EVAL_LIMIT must be a whole number >= 1, or None for the mode's default, got {eval_limit!r}.")
         evals["limit"] = eval_limit
+    if not isinstance(allow_unisolated_code, bool):
+        raise EPnGError(f"ALLOW_UNISOLATED_CODE must be True or False, got {allow_unisolated_code!r}.")
+    evals["allow_unisolated"] = allow_unisolated_code  # run generated code without a sandbox (notebook 07a)
     sweeps = SWEEPS[mode]
     return ReproSetup(
         experiment=experiment, mode=mode, model=check_model(model, mode, spec["model"]),
@@ -282,7 +290,8 @@ def evaluate_tasks(model, tokenizer, setup: ReproSetup, tasks, folder=None) -> d
         elif task == "math": scores[task] = evaluate_math(model, tokenizer, eval_rows(setup, "math"), **common).score
         elif task in ("mbpp", "humaneval"):
             scores[task] = evaluate_code(model, tokenizer, eval_rows(setup, task), kind=task, n=e["n"], k=e["k"],
-                                         temperature=e["temperature"], **common).score
+                                         temperature=e["temperature"], allow_unisolated=e["allow_unisolated"],
+                                         **common).score
     general = [t for t in tasks if t in ("arc_challenge", "arc_easy", "boolq")]
     if general:
         folder = Path(folder or setup.out / "lm_eval_tasks")
