@@ -4,21 +4,24 @@
 
 # %% ../nbs/06b_checkpoint.ipynb #3fd44645
 from __future__ import annotations
-import contextlib, copy, hashlib, json, os, shutil, tempfile, uuid, warnings
+import contextlib, copy, errno, hashlib, json, os, re, shutil, tempfile, uuid, warnings
 from pathlib import Path
 import torch
 from torch import nn
-from safetensors.torch import save_file, load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from .moe import EPnGError, MoELayer, find_moe_layers
 from .selection import EPnGConfig
-from .lora import ExpertLoRA
-from .growth import EPnGHandle, attach, grow_capacity, prune_experts
+from .lora import ExpertLoRA, round_up
+from .growth import EPnGHandle, attach, grow_capacity, prune_experts, rank_limit
 
 # %% auto #0
-__all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'FORMAT_VERSION', 'atomic_save_torch', 'atomic_write_json', 'atomic_dir',
+__all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'FORMAT_VERSION', 'MAX_ADAPTER_JSON_BYTES', 'write_safetensors',
+           'atomic_save_torch', 'atomic_write_json', 'atomic_dir', 'is_stale_temporary', 'remove_stale_temporaries',
            'live_slots', 'moe_shapes', 'moe_fingerprint', 'adapter_tensors', 'adapter_metadata', 'save_adapter',
-           'read_adapter', 'check_adapter_fits', 'check_adapter_config', 'restore_adapter', 'load_adapter',
-           'load_adapter_into', 'to_peft_layout', 'from_peft_layout', 'peft_factors', 'peft_lora_config', 'export_peft']
+           'InvalidAdapterError', 'check_adapter_metadata', 'check_adapter_tensors', 'read_adapter',
+           'check_adapter_fits', 'check_adapter_config', 'restore_adapter', 'load_adapter', 'load_adapter_into',
+           'to_peft_layout', 'from_peft_layout', 'peft_factors', 'peft_lora_config', 'export_peft']
 
 # %% ../nbs/06b_checkpoint.ipynb #dd3af9f6
 def _fsync_dir(path: Path) -> None:
@@ -35,21 +38,64 @@ def _fsync_tree(root: Path) -> None:
             with open(os.path.join(folder, name), "rb") as f: os.fsync(f.fileno())
         _fsync_dir(Path(folder))
 
+def _umask() -> int:
+    "The process's umask, read without changing it where Linux shows it."
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"): return int(line.split()[1], 8)
+    mask = os.umask(0o022); os.umask(mask)
+    return mask
+
+_IN_THE_WAY = ("a file is in the way", "move it")
+_SAVE_FAILURES = {errno.ENOSPC: ("disk full (no space left on device)", "free some space"),
+                  errno.EDQUOT: ("disk quota exceeded", "free some space"),
+                  errno.EROFS: ("read-only file system", "mount it writable"),
+                  errno.EACCES: ("permission denied", "make the folder writable"),
+                  errno.EPERM: ("operation not permitted", "make the folder writable"),
+                  errno.EEXIST: _IN_THE_WAY, errno.ENOTDIR: _IN_THE_WAY,
+                  errno.EISDIR: ("a folder is in the way", "move it")}
+
+def _write_error(folder: Path, e: OSError) -> EPnGError:
+    "An `EPnGError` that names the folder a save could not write, the cause, and what to do."
+    cause, fix = _SAVE_FAILURES.get(e.errno, (e.strerror or type(e).__name__, "fix that"))
+    return EPnGError(f"could not save into {folder}: {cause} ({e}). {fix.capitalize()} or choose another output "
+                     "folder; what was there before is unchanged.")
+
+def _save_failure(e: BaseException) -> OSError | None:
+    "The OS error behind a failed save: `e` itself, or the cause of an inner save's `EPnGError`."
+    if isinstance(e, OSError): return e
+    if isinstance(e, EPnGError) and isinstance(e.__cause__, OSError): return e.__cause__
+    return None
+
 @contextlib.contextmanager
 def _atomic_file(path):
     "Yield a temporary path next to `path`; on success fsync it and rename it over `path`, on error delete it."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e: raise _write_error(path.parent, e) from e
+    try:
+        try: os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets the usual mode
+        finally: os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb") as f: os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.remove(tmp)
+    except BaseException as e:
+        with contextlib.suppress(OSError): os.remove(tmp)
+        if (cause := _save_failure(e)) is not None: raise _write_error(path.parent, cause) from cause
         raise
+
+def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path:
+    "`safetensors.save_file` that raises an OS failure as `OSError` (a full disk reaches it as text) and follows the umask."
+    try: save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code: raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
+        raise
+    os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600
+    return Path(path)
 
 def atomic_save_torch(obj, path) -> Path:
     "`torch.save(obj)` to `path` atomically: a reader sees the old file or the complete new one."
@@ -68,9 +114,12 @@ def atomic_dir(path):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise EPnGError(f"{path} is a file: an adapter or checkpoint is a folder; choose another path.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e: raise _write_error(path.parent, e) from e
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved folder gets the usual mode
         yield tmp
         _fsync_tree(tmp)
         if path.exists():
@@ -83,9 +132,34 @@ def atomic_dir(path):
             shutil.rmtree(old, ignore_errors=True)
         else: os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (cause := _save_failure(e)) is not None: raise _write_error(path.parent, cause) from cause  # the outer folder
         raise
+
+# %% ../nbs/06b_checkpoint.ipynb #80eee1ce
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp(?=-[a-z0-9_]{8}\Z)|old(?=-[0-9a-f]{8}\Z))-.{8}")
+
+def is_stale_temporary(name: str) -> bool:
+    "Whether `name` is exactly what a killed atomic write of ours leaves: `.NAME.tmp-XXXXXXXX` or `.NAME.old-XXXXXXXX`."
+    return _LEFTOVER.fullmatch(name) is not None
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    "Delete the `.NAME.tmp-*` / `.NAME.old-*` leftovers of killed atomic writes directly in `folder`; return them."
+    folder, removed = Path(folder), []
+    if not folder.is_dir(): return removed
+    try:
+        for p in sorted(folder.iterdir()):           # '.x.old-' sorts before '.x.tmp-': restore before deleting
+            m = _LEFTOVER.fullmatch(p.name)
+            if not m: continue
+            target = folder / m["name"]
+            if m["kind"] == "old" and not os.path.lexists(target):
+                os.replace(p, target); continue       # killed mid-swap: the old copy is the last complete one
+            if p.is_dir() and not p.is_symlink(): shutil.rmtree(p)
+            else: p.unlink()
+            removed.append(p)
+    except OSError as e: raise _write_error(folder, e) from e
+    return removed
 
 # %% ../nbs/06b_checkpoint.ipynb #4a69fff1
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "epng_adapter.safetensors", "epng_adapter.json"
@@ -138,7 +212,7 @@ def adapter_metadata(handle: EPnGHandle, extra: dict | None = None) -> dict:
             "fingerprint": moe_fingerprint(handle.layers), "model": _model_info(handle.model),
             "dtype": str(handle.loras[0].A[handle.config.targets[0]].dtype).removeprefix("torch."),
             "capacity": [lora.capacity for lora in handle.loras], "ranks": handle.ranks.tolist(),
-            "budget": handle.budget, "extra": extra or {}}
+            "rank_sum": int(handle.ranks.sum()), "budget": handle.budget, "extra": extra or {}}
 
 def save_adapter(handle: EPnGHandle, path, extra: dict | None = None) -> Path:
     "Save `handle`'s adapter (factors, per-expert ranks, importance, metadata) to the folder `path`, atomically."
@@ -148,24 +222,158 @@ def save_adapter(handle: EPnGHandle, path, extra: dict | None = None) -> Path:
     try: json.dumps(metadata)
     except TypeError as e: raise EPnGError(f"extra must hold only JSON values (numbers, strings, lists, dicts): {e}") from e
     with atomic_dir(path) as tmp:
-        save_file(adapter_tensors(handle), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_safetensors(adapter_tensors(handle), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(metadata, indent=2) + "\n")
     return Path(path)
 
 # %% ../nbs/06b_checkpoint.ipynb #087beb0f
+class InvalidAdapterError(EPnGError):
+    "An adapter file that is damaged, edited or inconsistent."
+
+MAX_ADAPTER_JSON_BYTES = 16 * 2**20   # an adapter's JSON is a few kB; past this it is not an adapter
+_DTYPE_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}  # safetensors' names
+_FIELDS = {"format_version": int, "config": dict, "targets": list, "num_moe_layers": int, "num_experts": int,
+           "hidden_size": int, "intermediate_size": int, "layer_names": list, "fingerprint": str, "model": dict,
+           "dtype": str, "capacity": list, "ranks": list, "budget": int}
+_TYPE_NAMES = {int: "a whole number", dict: "an object", list: "a list", str: "a string"}
+
+def _bad(where, problem: str) -> InvalidAdapterError:
+    return InvalidAdapterError(f"{where} is not a usable epng adapter: {problem}. Use another checkpoint, or save "
+                               "the adapter again with epng.save_adapter.")
+
+def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
+
+def _read_metadata(file: Path) -> dict:
+    "The JSON object in `file`, or an error that names the file and says what is wrong with it."
+    try:
+        if file.stat().st_size > MAX_ADAPTER_JSON_BYTES:
+            raise _bad(file, f"it is {file.stat().st_size:,} bytes, more than the {MAX_ADAPTER_JSON_BYTES:,} an "
+                             "adapter's JSON can need")
+        raw = file.read_bytes()
+    except OSError as e: raise InvalidAdapterError(f"cannot read {file}: {e}") from None
+    if not raw.strip(): raise _bad(file, "the file is empty")
+    try: metadata = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError: raise _bad(file, "it is not UTF-8 text") from None
+    except json.JSONDecodeError as e: raise _bad(file, f"it is not valid JSON ({e.msg} at line {e.lineno}; cut short?)") from None
+    except RecursionError: raise _bad(file, "it nests lists/objects thousands deep") from None
+    if not isinstance(metadata, dict): raise _bad(file, f"it holds a JSON {type(metadata).__name__}, not an object")
+    return metadata
+
+def _expected_tensors(metadata: dict) -> dict:
+    "`{name: (shape, safetensors dtype)}` of every tensor the adapter described by `metadata` must hold."
+    E, H, I = metadata["num_experts"], metadata["hidden_size"], metadata["intermediate_size"]
+    sides = {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+    factor, expected = _DTYPE_CODES[metadata["dtype"]], {}
+    for l, ranks in enumerate(metadata["ranks"]):
+        R = max(ranks)
+        expected[f"layers.{l}.ranks"] = ((E,), "I64")
+        for t in metadata["targets"]:
+            fan_in, fan_out = sides[t]
+            expected[f"layers.{l}.{t}.A"], expected[f"layers.{l}.{t}.B"] = ((E, R, fan_in), factor), ((E, fan_out, R), factor)
+    L = metadata["num_moe_layers"]
+    expected["importance.sums"], expected["importance.counts"] = ((L, E), "F32"), ((L,), "F32")
+    return expected
+
+def _check_names(expected: dict, names: set, where) -> None:
+    missing, surprise = sorted(set(expected) - names), sorted(names - set(expected))
+    problems = ([f"tensors missing: {missing[:5]}"] if missing else []) + ([f"tensors not expected: {surprise[:5]}"] if surprise else [])
+    if problems: raise _bad(where, "; ".join(problems))
+
+def check_adapter_metadata(metadata: dict, where="the adapter") -> EPnGConfig:
+    "Raise `InvalidAdapterError` unless `metadata` is a consistent adapter description; returns its `EPnGConfig`."
+    if metadata.get("format") != "epng-adapter":
+        raise _bad(where, f"its format is {metadata.get('format')!r}, not 'epng-adapter'")
+    for k, kind in _FIELDS.items():
+        if k not in metadata: raise _bad(where, f"it lacks the field {k!r}")
+        if not (_is_int(metadata[k]) if kind is int else isinstance(metadata[k], kind)):
+            raise _bad(where, f"{k} is {metadata[k]!r}, not {_TYPE_NAMES[kind]}")
+    if metadata["format_version"] > FORMAT_VERSION:
+        raise EPnGError(f"{where} has format version {metadata['format_version']}; this epng reads versions up to "
+                        f"{FORMAT_VERSION}: upgrade epng to read it.")
+    sizes = {k: metadata[k] for k in ["num_moe_layers", "num_experts", "hidden_size", "intermediate_size"]}
+    if min(sizes.values()) < 1: raise _bad(where, f"its MoE shapes {sizes} must all be >= 1")
+    L, E = sizes["num_moe_layers"], sizes["num_experts"]
+    try: config = EPnGConfig(**metadata["config"])
+    except (TypeError, EPnGError) as e: raise _bad(where, f"its config is not a valid EPnGConfig ({e})") from None
+    if metadata["targets"] != list(config.targets):
+        raise _bad(where, f"targets {metadata['targets']!r} differ from its config's {list(config.targets)}")
+    if len(metadata["layer_names"]) != L or not all(isinstance(n, str) for n in metadata["layer_names"]):
+        raise _bad(where, f"layer_names must be {L} strings, one per MoE layer")
+    model = metadata["model"]
+    if not all(isinstance(model.get(k), str) for k in ["config_class", "name_or_path"]) or \
+            not isinstance(model.get("model_type"), (str, type(None))):
+        raise _bad(where, "model must give config_class and name_or_path as strings (and model_type as a string or null)")
+    if metadata["dtype"] not in _DTYPE_CODES:
+        raise _bad(where, f"dtype {metadata['dtype']!r} is not one of {sorted(_DTYPE_CODES)}")
+    if "extra" in metadata and not isinstance(metadata["extra"], dict): raise _bad(where, "extra is not an object")
+    # capacity first: every other size is bounded by it, and it is bounded by the shapes, before anything is allocated
+    limit = min(sizes["hidden_size"], sizes["intermediate_size"])
+    capacity = metadata["capacity"]
+    if len(capacity) != L or not all(_is_int(c) and 1 <= c <= round_up(limit) for c in capacity):
+        raise _bad(where, f"capacity must be {L} whole numbers in 1..{round_up(limit)} (rank slots the expert "
+                          f"projections allow), got {str(capacity)[:200]}")
+    ranks, max_rank = metadata["ranks"], min(config.max_rank or limit, limit)
+    if len(ranks) != L or not all(isinstance(row, list) and len(row) == E for row in ranks):
+        raise _bad(where, f"ranks must be {L} lists (MoE layers) of {E} ranks (experts)")
+    for l, row in enumerate(ranks):
+        for e, r in enumerate(row):
+            if not (_is_int(r) and 0 <= r <= min(capacity[l], max_rank)):
+                raise _bad(where, f"the rank of expert {e} in MoE layer {l} is {r!r}: ranks are whole numbers from 0 "
+                                  f"to the layer's capacity {capacity[l]}" + (f" and max_rank {max_rank}" if max_rank < capacity[l] else ""))
+    implied = config.rank * L * E
+    if metadata["budget"] != implied:
+        raise _bad(where, f"its budget {metadata['budget']} is not the {implied} its config and shapes give "
+                          f"(rank {config.rank} × {L} MoE layers × {E} experts)")
+    rank_sum, recorded = sum(map(sum, ranks)), metadata.get("rank_sum", metadata["budget"])
+    if rank_sum != recorded:
+        raise _bad(where, f"its ranks add up to {rank_sum}, but it records a rank sum of {recorded!r} "
+                          f"(budget {metadata['budget']})")
+    return config
+
+def check_adapter_tensors(metadata: dict, tensors: dict, where="the adapter") -> None:
+    "Raise `InvalidAdapterError` unless `tensors` are exactly the ones `metadata` describes, with finite values."
+    expected, codes = _expected_tensors(metadata), {v: k for k, v in _DTYPE_CODES.items()} | {"I64": "int64"}
+    _check_names(expected, set(tensors), where)
+    for name, (shape, code) in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape or str(t.dtype).removeprefix("torch.") != codes[code]:
+            raise _bad(where, f"{name} is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, expected "
+                              f"{codes[code]} {shape}")
+        if name.endswith(".ranks"):
+            l = int(name.split(".")[1])
+            if t.tolist() != metadata["ranks"][l]:
+                raise _bad(where, f"{name} holds {t.tolist()}, but the JSON gives the ranks {metadata['ranks'][l]}")
+        elif not bool(torch.isfinite(t).all()):
+            raise _bad(where, f"{name} holds NaN or infinite values")
+        elif name.startswith("importance.") and bool((t < 0).any()):
+            raise _bad(where, f"{name} holds negative values")
+
+def _read_tensors(file: Path, metadata: dict) -> dict:
+    "The tensors in the safetensors `file`, after its header has been checked against `metadata`."
+    expected, tensors = _expected_tensors(metadata), {}
+    try:
+        with safe_open(file, framework="pt") as f:
+            _check_names(expected, set(f.keys()), file)
+            for name, (shape, code) in expected.items():   # shapes and dtypes from the header: no data read yet
+                part = f.get_slice(name)
+                if tuple(part.get_shape()) != shape or part.get_dtype() != code:
+                    raise _bad(file, f"{name} is {part.get_dtype()} {tuple(part.get_shape())}, expected {code} {shape}")
+            for name in expected: tensors[name] = f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise _bad(file, f"it is not a readable safetensors file ({e}; empty, cut short or damaged?)") from None
+    check_adapter_tensors(metadata, tensors, file)
+    return tensors
+
 def read_adapter(path) -> tuple[dict, dict]:
-    "The `(metadata, tensors)` of the epng adapter in folder `path`."
+    "The `(metadata, tensors)` of the epng adapter in folder `path`, fully checked (see above)."
     path = Path(path)
     if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
         hint = (" It holds a peft adapter (adapter_config.json): load that with peft.PeftModel.from_pretrained."
                 if (path / "adapter_config.json").is_file() else " Save one there with epng.save_adapter(handle, path).")
         raise EPnGError(f"no epng adapter in {path}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.{hint}")
-    metadata = json.loads((path / ADAPTER_CONFIG).read_text())
-    if metadata.get("format") != "epng-adapter" or metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise EPnGError(f"{path / ADAPTER_CONFIG} is not an epng adapter of format <= {FORMAT_VERSION} "
-                        f"(format {metadata.get('format')!r}, version {metadata.get('format_version')!r}): "
-                        "upgrade epng to read it.")
-    return metadata, load_file(path / ADAPTER_WEIGHTS)
+    metadata = _read_metadata(path / ADAPTER_CONFIG)
+    check_adapter_metadata(metadata, path / ADAPTER_CONFIG)
+    return metadata, _read_tensors(path / ADAPTER_WEIGHTS, metadata)
 
 def check_adapter_fits(metadata: dict, model: nn.Module, layers: list[MoELayer] | None = None) -> None:
     "Raise `EPnGError` unless the adapter described by `metadata` was made for a model with `model`'s MoE layers."
@@ -184,29 +392,88 @@ def check_adapter_fits(metadata: dict, model: nn.Module, layers: list[MoELayer] 
                         ". Load it into the base model it was trained on.")
 
 def check_adapter_config(metadata: dict, config: EPnGConfig) -> None:
-    "Raise `EPnGError` unless `config` gives the factors the same meaning (targets, base rank, lora_alpha)."
+    "Raise `EPnGError` unless `config` gives factors and statistics the same meaning (targets, rank, lora_alpha, importance)."
     saved = EPnGConfig(**metadata["config"])
     problems = [f"{k}: adapter {getattr(saved, k)!r}, handle {getattr(config, k)!r}"
-                for k in ["targets", "rank", "lora_alpha"] if getattr(saved, k) != getattr(config, k)]
+                for k in ["targets", "rank", "lora_alpha", "importance"] if getattr(saved, k) != getattr(config, k)]
     if problems:
         raise EPnGError("the adapter's LoRA settings differ from this handle's: " + "; ".join(problems) +
                         ". Attach with the adapter's settings (epng.load_adapter(model, path) does that).")
 
 # %% ../nbs/06b_checkpoint.ipynb #a0bec3c5
+def _check_restorable(handle: EPnGHandle, metadata: dict, tensors: dict) -> None:
+    "Raise unless the adapter is consistent and fits `handle` (layers, experts, targets, shapes, capacity)."
+    check_adapter_metadata(metadata)
+    check_adapter_tensors(metadata, tensors)
+    L, E = len(handle.loras), handle.loras[0].num_experts
+    if (metadata["num_moe_layers"], metadata["num_experts"]) != (L, E):
+        raise EPnGError(f"the adapter has {metadata['num_moe_layers']} MoE layers × {metadata['num_experts']} experts, "
+                        f"this handle {L} × {E}: load it into the model it was trained on.")
+    for l, lora in enumerate(handle.loras):
+        if list(lora.shapes) != metadata["targets"]:
+            raise EPnGError(f"the adapter adapts {metadata['targets']}, this handle {list(lora.shapes)}: attach with "
+                            "the adapter's settings.")
+        if metadata["capacity"][l] > round_up(rank_limit(lora)):
+            raise EPnGError(f"the adapter's capacity {metadata['capacity'][l]} in MoE layer {l} passes the "
+                            f"{round_up(rank_limit(lora))} rank slots this model's experts allow.")
+        for t, (fan_in, fan_out) in lora.shapes.items():
+            if tensors[f"layers.{l}.{t}.A"].shape[2] != fan_in or tensors[f"layers.{l}.{t}.B"].shape[1] != fan_out:
+                raise EPnGError(f"the adapter's {t} factors do not fit this model's experts ({fan_in} → {fan_out}): "
+                                "load it into the model it was trained on.")
+
+def _snapshot(handle: EPnGHandle) -> dict:
+    "Copies of everything `restore_adapter` changes: factors, gradients, ranks, optimizer state, importance, budget."
+    opt, params = handle.optimizer, [p for lora in handle.loras for p in lora.parameters()]
+    clone = lambda v: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+    return {"factors": [(dict(lora.A), dict(lora.B)) for lora in handle.loras],
+            "values": [(p, p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in params],
+            "ranks": [lora.ranks.clone() for lora in handle.loras],
+            "groups": None if opt is None else [list(g["params"]) for g in opt.param_groups],
+            "state": None if opt is None else {p: {k: clone(v) for k, v in opt.state[p].items()}
+                                               for p in params if p in opt.state},
+            "importance": handle.importance.state_dict(), "budget": handle.budget}
+
+@torch.no_grad()
+def _roll_back(handle: EPnGHandle, snap: dict) -> None:
+    "Put `handle` back exactly as `_snapshot` found it, the same Parameter objects included."
+    opt, now = handle.optimizer, [p for lora in handle.loras for p in lora.parameters()]
+    for lora, (a, b), ranks in zip(handle.loras, snap["factors"], snap["ranks"]):
+        for t in a: lora.A[t], lora.B[t] = a[t], b[t]   # undo grow_capacity's new Parameters
+        lora.ranks.copy_(ranks)
+    for p, value, grad in snap["values"]:
+        p.data.copy_(value)
+        p.grad = grad
+    if opt is not None:
+        for group, params in zip(opt.param_groups, snap["groups"]): group["params"] = params
+        kept = {id(p) for p, *_ in snap["values"]}
+        for p in now:
+            if id(p) not in kept: opt.state.pop(p, None)
+        for p, state in snap["state"].items(): opt.state[p] = state
+    handle.importance.load_state_dict(snap["importance"])
+    handle.budget = snap["budget"]
+
 @torch.no_grad()
 def restore_adapter(handle: EPnGHandle, metadata: dict, tensors: dict) -> EPnGHandle:
     "Put saved ranks, capacity, factors, importance and budget into `handle`; the factors' optimizer state is zeroed."
-    for l, lora in enumerate(handle.loras):
-        if lora.capacity < metadata["capacity"][l]: grow_capacity(lora, metadata["capacity"][l], handle.optimizer)
-        prune_experts(lora, list(range(lora.num_experts)), handle.optimizer)   # a clean slate; the saved ranks follow
-        ranks = tensors[f"layers.{l}.ranks"]
-        r = int(ranks.max())
-        for target in lora.shapes:
-            lora.A[target][:, :r].copy_(tensors[f"layers.{l}.{target}.A"])
-            lora.B[target][:, :, :r].copy_(tensors[f"layers.{l}.{target}.B"])
-        lora.ranks.copy_(ranks)
-    handle.importance.load_state_dict({"sums": tensors["importance.sums"], "counts": tensors["importance.counts"]})
-    handle.budget = int(metadata["budget"])
+    _check_restorable(handle, metadata, tensors)    # everything that can be checked, before anything changes
+    snap = _snapshot(handle)
+    try:
+        for l, lora in enumerate(handle.loras):
+            if lora.capacity < metadata["capacity"][l]: grow_capacity(lora, metadata["capacity"][l], handle.optimizer)
+            prune_experts(lora, list(range(lora.num_experts)), handle.optimizer)   # a clean slate; the saved ranks follow
+            ranks = tensors[f"layers.{l}.ranks"].to(lora.ranks.device)
+            r = int(ranks.max())
+            live = (torch.arange(r, device=ranks.device) < ranks[:, None])        # (E, r): dead slots stay zero
+            for target in lora.shapes:
+                a, b = lora.A[target], lora.B[target]
+                a[:, :r].copy_(tensors[f"layers.{l}.{target}.A"].to(a.device) * live[:, :, None].to(a.dtype))
+                b[:, :, :r].copy_(tensors[f"layers.{l}.{target}.B"].to(b.device) * live[:, None, :].to(b.dtype))
+            lora.ranks.copy_(ranks)
+        handle.importance.load_state_dict({"sums": tensors["importance.sums"], "counts": tensors["importance.counts"]})
+        handle.budget = int(metadata["budget"])
+    except BaseException:
+        _roll_back(handle, snap)
+        raise
     return handle
 
 def load_adapter(model: nn.Module, path) -> EPnGHandle:

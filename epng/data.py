@@ -8,7 +8,9 @@ import gzip
 import json
 import os
 import random
+import re
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -17,7 +19,8 @@ import torch
 from .moe import EPnGError
 
 # %% auto #0
-__all__ = ['FORMATS', 'BYTE_SPECIALS', 'BYTE_OFFSET', 'BYTE_VOCAB_SIZE', 'PLAIN_TEMPLATE', 'IGNORE_INDEX', 'SFTFormat',
+__all__ = ['FORMATS', 'MAX_JSON_BYTES', 'MAX_JSON_LINE_BYTES', 'MAX_JSON_DEPTH', 'MAX_JSON_ROWS', 'MAX_JSON_VALUES',
+           'BYTE_SPECIALS', 'BYTE_OFFSET', 'BYTE_VOCAB_SIZE', 'PLAIN_TEMPLATE', 'IGNORE_INDEX', 'SFTFormat',
            'register_format', 'get_format', 'detect_format', 'read_json_rows', 'load_rows', 'byte_tokenizer',
            'byte_model_ids', 'NoResponseLeftError', 'render_prompt', 'encode', 'show_masked', 'synthetic_rows',
            'fixture_text', 'fixtures_dir', 'fixture_path', 'write_fixtures', 'embedded_dataset', 'pad_id_of',
@@ -75,29 +78,127 @@ def detect_format(fields: Iterable[str]) -> SFTFormat:
     return fits[0]
 
 # %% ../nbs/05a_data.ipynb #16c8a773
-def read_json_rows(path) -> list:
-    "The rows of a `.json` list or a `.jsonl` file (one object a line); a `.gz` on either is read through gzip."
+MAX_JSON_BYTES = 512 * 2**20      # text read from one data file, after decompression
+MAX_JSON_LINE_BYTES = 16 * 2**20  # one line of a .jsonl file
+MAX_JSON_DEPTH = 64               # lists and objects inside each other
+MAX_JSON_ROWS = 1_000_000         # rows in one data file (MetaMathQA has 395k)
+MAX_JSON_VALUES = 20_000_000      # JSON values (keys included) in one data file: bounds the memory parsing takes
+_CHUNK = 2**20
+
+def _limit_error(path, what: str, limit: int, constant: str, unit: str = "bytes") -> EPnGError:
+    return EPnGError(f"{path}: {what} passes the limit of {limit:,} {unit}, so it is not read. If the file is "
+                     f"genuine, raise epng.data.{constant}.")
+
+def _chunks(path: Path, gz: bool) -> Iterator[bytes]:
+    "The bytes of `path` (inflated when `gz`) in chunks, stopping with an error past `MAX_JSON_BYTES`."
+    total, limit = 0, MAX_JSON_BYTES
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            while chunk := f.read(min(_CHUNK, limit + 1 - total)):  # never inflate more than the limit + 1 byte
+                total += len(chunk)
+                if total > limit:
+                    raise _limit_error(path, "the text" + (" inflated from this gzip file" if gz else ""), limit,
+                                       "MAX_JSON_BYTES")
+                yield chunk
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise EPnGError(f"{path} is not a complete gzip file ({e}): compress it again, or drop the .gz ending if "
+                        "it is plain text.") from None
+    except OSError as e: raise EPnGError(f"cannot read {path}: {e}") from None
+
+def _lines(path: Path, chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    "`(number, bytes)` of each line, stopping with an error at a line past `MAX_JSON_LINE_BYTES`."
+    limit, number, line = MAX_JSON_LINE_BYTES, 1, bytearray()
+    for chunk in chunks:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            line += chunk[start:end]
+            if len(line) > limit: break
+            yield number, bytes(line)
+            number, line, start = number + 1, bytearray(), end + 1
+        else: line += chunk[start:]
+        if len(line) > limit: raise _limit_error(f"{path} line {number}", "the line", limit, "MAX_JSON_LINE_BYTES")
+    if line: yield number, bytes(line)
+
+def _text(path: Path, where: str, data: bytes, first: bool) -> str:
+    "`data` decoded as UTF-8, or an error that says how the file is encoded instead."
+    resave = "re-save it as UTF-8 (e.g. iconv -t UTF-8, or your editor's 'Save with encoding')."
+    if first and data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        raise EPnGError(f"{path} is UTF-32 text (it starts with a UTF-32 byte-order mark): {resave}")
+    if first and data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise EPnGError(f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark): {resave}")
+    if b"\x00" in data:
+        raise EPnGError(f"{where} holds NUL bytes: it is binary data or UTF-16/UTF-32 text, not UTF-8: {resave}")
+    try: return data.decode("utf-8").removeprefix("\ufeff") if first else data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        number = data.count(b"\n", 0, e.start) + 1
+        line = f" line {number}" if where == str(path) else ""  # a whole .json file: say where in it
+        raise EPnGError(f"{where}{line} is not UTF-8 text (byte 0x{data[e.start]:02x} cannot start or continue a "
+                        f"character): {resave}") from None
+
+def _too_deep(value, limit: int) -> bool:
+    "Whether `value` nests lists and objects more than `limit` deep (walked with a stack, not recursion)."
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > limit: return True
+        stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list)))
+    return False
+
+def _parse(text: str, where: str):
+    "One JSON value from `text`, nested at most `MAX_JSON_DEPTH` deep."
+    limit = MAX_JSON_DEPTH
+    deep = EPnGError(f"{where} nests lists/objects more than {limit} deep, so it is not read. If the file is genuine, "
+                     "raise epng.data.MAX_JSON_DEPTH.")
+    try: value = json.loads(text)
+    except RecursionError: raise deep from None
+    if isinstance(value, (dict, list)) and text.count("[") + text.count("{") > limit and _too_deep(value, limit):
+        raise deep  # fewer brackets than the limit cannot nest deeper: most rows skip the walk
+    return value
+
+def _values_at_most(text: str) -> int:
+    "An upper bound on the JSON values (keys included) in `text`: each but the first follows one of `,` `:` `[` `{`."
+    return 1 + sum(text.count(c) for c in ",:[{")
+
+def _not_an_object(where: str, value) -> EPnGError:
+    return EPnGError(f"{where} is a JSON {type(value).__name__}, not an object: each row must be one object with "
+                     "fields, e.g. {\"query\": ..., \"response\": ...}.")
+
+def read_json_rows(path) -> list[dict]:
+    "The rows (objects) of a `.json` list or a `.jsonl` file (one object a line); a `.gz` on either is read through gzip."
     path = Path(path)
     gz = path.suffix.lower() == ".gz"
-    with (gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")) as f: text = f.read()
+    chunks = _chunks(path, gz)
+    max_rows, max_values, values = MAX_JSON_ROWS, MAX_JSON_VALUES, 0
+    too_many_values = lambda where: _limit_error(where, "the number of JSON values", max_values, "MAX_JSON_VALUES",
+                                                 unit="values")
     if (Path(path.stem) if gz else path).suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # maybe JSON lines under a .json name: read it line by line below
-        if data is not None:
-            if not isinstance(data, list):
-                raise EPnGError(f"{path} holds a JSON {type(data).__name__}, not a list of rows: "
+        data = b"".join(chunks)
+        text = _text(path, str(path), data, first=True)
+        if _values_at_most(text) > max_values: raise too_many_values(path)   # before parsing: the count is the cost
+        try: value = _parse(text, str(path))
+        except json.JSONDecodeError: value = None  # maybe JSON lines under a .json name: read it line by line below
+        if value is not None:
+            if not isinstance(value, list):
+                raise EPnGError(f"{path} holds a JSON {type(value).__name__}, not a list of rows: "
                                 "write the rows as a JSON list of objects, or one object per line in a .jsonl file.")
-            return data
+            if len(value) > max_rows: raise _limit_error(path, "the number of rows", max_rows, "MAX_JSON_ROWS", "rows")
+            for i, row in enumerate(value):
+                if not isinstance(row, dict): raise _not_an_object(f"{path} row {i}", row)
+            return value
+        chunks = [data]
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in _lines(path, chunks):
+        line = _text(path, f"{path} line {number}", line, first=number == 1)
         if not line.strip(): continue
-        try:
-            rows.append(json.loads(line))
+        where = f"{path} line {number}"
+        if len(rows) == max_rows: raise _limit_error(where, "the number of rows", max_rows, "MAX_JSON_ROWS", "rows")
+        if (values := values + _values_at_most(line)) > max_values: raise too_many_values(where)
+        try: row = _parse(line, where)
         except json.JSONDecodeError as e:
-            raise EPnGError(f"{path} line {number} is not valid JSON ({e.msg}): each line of a .jsonl file must "
+            raise EPnGError(f"{where} is not valid JSON ({e.msg}): each line of a .jsonl file must "
                             "hold one JSON object.") from None
+        if not isinstance(row, dict): raise _not_an_object(where, row)
+        rows.append(row)
     return rows
 
 def _open_source(source, fmt: str | None):
@@ -107,6 +208,9 @@ def _open_source(source, fmt: str | None):
     name = str(source)
     if name == "embedded" or name.startswith("embedded:"):
         kind = name.partition(":")[2] or "metamathqa"
+        if kind not in _MAKERS:
+            raise EPnGError(f"no embedded dataset {kind!r}: the embedded ones are "
+                            f"{', '.join('embedded:' + k for k in sorted(_MAKERS))}.")
         return read_json_rows(fixture_path(kind)), fmt or kind
     if name in FORMATS:
         spec = FORMATS[name]
@@ -115,11 +219,13 @@ def _open_source(source, fmt: str | None):
         from datasets import load_dataset  # imported here: only hub loading needs it
         return load_dataset(spec.hub_id, split=spec.split), name
     path = Path(name).expanduser()
-    if path.suffix.lower() in (".json", ".jsonl") or path.exists() or os.sep in name:
+    json_file = re.search(r"\.jsonl?(\.gz)?$", path.name.lower())
+    if json_file or path.exists() or os.sep in name:
         if not path.is_file():
             raise EPnGError(f"no file at {path}: check the path (relative paths start at {Path.cwd()}).")
-        if path.suffix.lower() not in (".json", ".jsonl"):
-            raise EPnGError(f"{path} is not a .json or .jsonl file: convert it to JSON lines (one object per line).")
+        if not json_file:
+            raise EPnGError(f"{path} is not a .json or .jsonl file (or .gz of one): convert it to JSON lines "
+                            "(one object per line).")
         return read_json_rows(path), fmt
     raise EPnGError(f"unknown dataset {name!r}: give a format name {sorted(FORMATS)}, 'embedded', "
                     "or the path of a .json/.jsonl file.")
@@ -379,7 +485,7 @@ def fixture_path(name: str) -> Path:
     "Path of a shipped sample: 'metamathqa', 'codealpaca' or a file name in epng/fixtures."
     file = f"{name}_sample.jsonl" if name in _MAKERS else name
     path = fixtures_dir() / file
-    if not path.is_file():
+    if Path(file).name != file or file.startswith(".") or not path.is_file():  # a name there, never a path elsewhere
         raise EPnGError(f"no shipped sample {name!r}: choose one of {sorted(_MAKERS)} "
                         f"(files in {fixtures_dir()}).")
     return path

@@ -4,9 +4,12 @@
 
 # %% ../nbs/06_loop.ipynb #2af18d6a
 from __future__ import annotations
-import os, warnings
-from dataclasses import dataclass
+import json, math, warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 import torch.distributed as dist
 import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap, TwoSlopeNorm
@@ -14,15 +17,18 @@ from transformers import TrainerCallback
 from .moe import EPnGError
 from .importance import NonFiniteStatisticsError
 from .gates import label_expert_axes
-from .growth import EPnGHandle, grow_capacity
+from .growth import EPnGHandle, grow_capacity, rank_limit
 from .lora import round_up
-from .checkpoint import atomic_save_torch
+from .checkpoint import atomic_dir, write_safetensors
 
 # %% auto #0
-__all__ = ['LORA_METHODS', 'METHODS', 'EPNG_STATE', 'GROUP_COLORS', 'GROUP_NAMES', 'check_method', 'is_cycle_step', 'cycle_steps',
+__all__ = ['LORA_METHODS', 'METHODS', 'STATE_FORMAT', 'STATE_VERSION', 'MAX_STATE_JSON', 'EPNG_STATE', 'OLD_EPNG_STATE',
+           'OLD_FORMAT_HINT', 'GROUP_COLORS', 'GROUP_NAMES', 'check_method', 'is_cycle_step', 'cycle_steps',
            'world_size', 'average_over_processes', 'cycle_generator', 'grow_only_delta', 'CycleRecord',
-           'EPnGController', 'reserve_capacity', 'restore_ranks', 'EPnGCallback', 'cycle_tables', 'plot_cycle_history',
-           'importance_groups', 'plot_importance_shift', 'plot_losses']
+           'check_controller_state', 'EPnGController', 'StateFileError', 'flatten_state', 'unflatten_state',
+           'save_state', 'load_state', 'reserve_capacity', 'check_ranks', 'restore_ranks', 'read_trainer_checkpoint',
+           'complete_trainer_checkpoint', 'EPnGCallback', 'cycle_tables', 'plot_cycle_history', 'importance_groups',
+           'plot_importance_shift', 'plot_losses']
 
 # %% ../nbs/06_loop.ipynb #5c09e663
 LORA_METHODS = ("static", "prune_only", "grow_only", "epng")
@@ -79,6 +85,40 @@ class CycleRecord:
     def to_dict(self) -> dict: return dict(vars(self))
 
 # %% ../nbs/06_loop.ipynb #0c08d502
+def _is_real(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+def _tensor_problem(t, shape: tuple, kinds: str) -> str | None:
+    "What is wrong with `t` as a tensor of `shape` whose dtype is of `kinds` ('f' float, 'i' integer, 'b' bool), or None."
+    if not torch.is_tensor(t): return f"a {type(t).__name__}, not a tensor"
+    kind = "b" if t.dtype == torch.bool else "f" if t.dtype.is_floating_point else "i" if not t.dtype.is_complex else "c"
+    if tuple(t.shape) != tuple(shape) or kind not in kinds: return f"a {t.dtype} tensor of shape {tuple(t.shape)}, " \
+        f"not {'/'.join({'f': 'float', 'i': 'integer', 'b': 'bool'}[k] for k in kinds)} {tuple(shape)}"
+    if kind == "f" and not torch.isfinite(t).all(): return "not finite (NaN or infinite values)"
+    if kind != "b" and t.numel() and float(t.min()) < 0: return f"negative (down to {float(t.min()):g})"
+    return None
+
+def check_controller_state(state, handle: EPnGHandle) -> None:
+    """Check a saved `EPnGController.state_dict()` against `handle` before anything is restored: every field there,
+    importance sums and counts finite and >= 0, each cycle record of the right types and shapes. `EPnGError` says which."""
+    def damaged(what):
+        raise EPnGError(f"the controller state in this checkpoint is damaged: {what}. Resume from another checkpoint.")
+    if not isinstance(state, dict) or not {"method", "seed", "importance", "history"} <= set(state):
+        damaged(f"it lacks {sorted({'method', 'seed', 'importance', 'history'} - set(state if isinstance(state, dict) else ()))}")
+    imp = handle.importance
+    if not isinstance(state["importance"], dict) or set(state["importance"]) != {"sums", "counts"}:
+        damaged("its importance is not {sums, counts}")
+    for k, v in state["importance"].items():   # p̄ is an average of gate probabilities: finite and never negative
+        if (problem := _tensor_problem(v, getattr(imp, k).shape, "f")): damaged(f"importance {k} is {problem}")
+    if not isinstance(state["history"], list): damaged(f"its history is a {type(state['history']).__name__}, not a list")
+    names, shape = {f.name for f in fields(CycleRecord)}, tuple(handle.ranks.shape)
+    for i, r in enumerate(state["history"]):
+        if not isinstance(r, dict) or set(r) != names: damaged(f"cycle record {i} does not have the fields {sorted(names)}")
+        if type(r["step"]) is not int or r["step"] < 0: damaged(f"cycle record {i} has step {r['step']!r}")
+        for k in ("tau_p", "tau_g"):                 # NaN is allowed: a cycle without pruning has no τ_p
+            if not _is_real(r[k]): damaged(f"cycle record {i} has {k} {r[k]!r}, not a number")
+        for k, kinds in (("importance", "f"), ("pruned", "b"), ("added", "i"), ("ranks", "i")):
+            if (problem := _tensor_problem(r[k], shape, kinds)): damaged(f"cycle record {i}'s {k} is {problem}")
+
 class EPnGController:
     "Algorithm 1's schedule around an `EPnGHandle`: call `step_end(step, optimizer)` after every optimizer step."
     def __init__(self, handle: EPnGHandle, method: str = "epng", max_steps: int | None = None, seed: int = 0):
@@ -116,6 +156,8 @@ class EPnGController:
                 "importance": self.handle.importance.state_dict(), "history": [r.to_dict() for r in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
+        "Restore what `state_dict` saved, after checking its every value (`check_controller_state`), method and seed."
+        check_controller_state(state, self.handle)
         mine = {"method": self.method, "seed": self.seed}
         theirs = {k: state[k] for k in mine}
         if mine != theirs:
@@ -124,21 +166,182 @@ class EPnGController:
         self.handle.importance.load_state_dict(state["importance"])
         self.history = [CycleRecord(**r) for r in state["history"]]
 
+# %% ../nbs/06_loop.ipynb #8c00fc49
+class StateFileError(EPnGError):
+    "A saved state (safetensors + JSON) is damaged, incomplete or not ours."
+
+_TAGS = ("__tensor__", "__tuple__", "__int_keys__", "__float__")
+STATE_FORMAT, STATE_VERSION = "epng-state", 1
+MAX_STATE_JSON = 8 * 2**20    # bytes: 25× the largest real skeleton (below); parsing costs up to ~50× its size
+
+def flatten_state(state) -> tuple[dict, object]:
+    "Split nested dicts/lists/tuples of tensors and JSON values into `(tensors, skeleton)`: a flat dict and JSON."
+    tensors, owners = {}, {}
+    def walk(x, path):
+        if isinstance(x, torch.Tensor):
+            key = path or "tensor"
+            if key in tensors: raise EPnGError(f"two tensors of the state would be saved as {key!r}: rename a key.")
+            t = x.detach().cpu().contiguous()
+            if t.data_ptr() in owners and t.numel(): t = t.clone()   # shared storage (tied weights): safetensors refuses it
+            owners[t.data_ptr()] = key
+            tensors[key] = t
+            return {"__tensor__": key, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        sub = lambda k: f"{path}.{k}" if path else str(k)
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x):
+                if reserved := sorted(set(x) & set(_TAGS)):
+                    raise EPnGError(f"the state uses the reserved key(s) {reserved} at {path!r}.")
+                return {k: walk(v, sub(k)) for k, v in x.items()}
+            if all(type(k) is int for k in x): return {"__int_keys__": {str(k): walk(v, sub(k)) for k, v in x.items()}}
+            raise EPnGError(f"the state's dict at {path!r} mixes key types: use str or int keys only.")
+        if isinstance(x, tuple): return {"__tuple__": [walk(v, sub(i)) for i, v in enumerate(x)]}
+        if isinstance(x, list): return [walk(v, sub(i)) for i, v in enumerate(x)]
+        if isinstance(x, float) and not math.isfinite(x): return {"__float__": repr(x)}
+        if x is None or isinstance(x, (bool, int, float, str)): return x
+        raise EPnGError(f"cannot save a {type(x).__name__} at {path!r}: a state holds tensors and JSON values only.")
+    return tensors, walk(state, "")
+
+def unflatten_state(tensors: dict, skeleton, source: str = "the state") -> object:
+    "Inverse of `flatten_state`, checking that each reference names a tensor of its dtype and shape, each used once."
+    used = set()
+    def bad(path, msg): raise StateFileError(f"{source} is damaged at {path or 'its root'!r}: {msg}")
+    def walk(x, path):
+        if isinstance(x, list): return [walk(v, f"{path}[{i}]") for i, v in enumerate(x)]
+        if not isinstance(x, dict):
+            if x is None or isinstance(x, (bool, int, float, str)): return x
+            bad(path, f"unexpected {type(x).__name__}")
+        tags = set(x) & set(_TAGS)
+        if not tags: return {k: walk(v, f"{path}.{k}" if path else k) for k, v in x.items()}
+        if "__tensor__" in tags:
+            if set(x) != {"__tensor__", "dtype", "shape"}: bad(path, f"a tensor reference has the keys {sorted(x)}")
+            key = x["__tensor__"]
+            if not isinstance(key, str) or key not in tensors: bad(path, f"the tensor {key!r} is missing")
+            if key in used: bad(path, f"the tensor {key!r} is referenced twice")
+            t = tensors[key]
+            if str(t.dtype).removeprefix("torch.") != x["dtype"] or list(t.shape) != x["shape"]:
+                bad(path, f"the tensor {key!r} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, "
+                          f"the record says {x['dtype']} {x['shape']}")
+            used.add(key)
+            return t
+        if len(x) != 1: bad(path, f"a tagged value has the keys {sorted(x)}")
+        (tag, value), = x.items()
+        if tag == "__tuple__" and isinstance(value, list):
+            return tuple(walk(v, f"{path}[{i}]") for i, v in enumerate(value))
+        if tag == "__int_keys__" and isinstance(value, dict) and all(k.lstrip("-").isdigit() for k in value):
+            return {int(k): walk(v, f"{path}.{k}") for k, v in value.items()}
+        if tag == "__float__" and value in ("nan", "inf", "-inf"): return float(value)
+        bad(path, f"a malformed {tag} value")
+    state = walk(skeleton, "")
+    if extra := sorted(set(tensors) - used): raise StateFileError(f"{source} has tensors no record refers to: {extra[:5]}")
+    return state
+
+# %% ../nbs/06_loop.ipynb #2689904b
+def save_state(state, folder, name: str) -> Path:
+    "Write `state` as `name.safetensors` (tensors) and `name.json` (the rest) in `folder`; returns the JSON's path."
+    folder = Path(folder)
+    tensors, skeleton = flatten_state(state)
+    meta, weights = folder / f"{name}.json", folder / f"{name}.safetensors"
+    meta.write_text(json.dumps({"format": STATE_FORMAT, "format_version": STATE_VERSION, "state": skeleton},
+                               allow_nan=False) + "\n")
+    write_safetensors(tensors, weights)
+    return meta
+
+def load_state(folder, name: str) -> object:
+    "The state `save_state` wrote to `folder` under `name`, validated; `StateFileError` names the file if it is not."
+    meta, weights = Path(folder) / f"{name}.json", Path(folder) / f"{name}.safetensors"
+    for f in (meta, weights):
+        if not f.is_file(): raise StateFileError(f"{f} is missing: the state in {folder} is incomplete.")
+    if (size := meta.stat().st_size) > MAX_STATE_JSON:
+        raise StateFileError(f"{meta} is {size:,} bytes, more than any epng state ({MAX_STATE_JSON:,}): it is not ours.")
+    try: record = json.loads(meta.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:   # RecursionError: nesting no state of ours has
+        raise StateFileError(f"{meta} is not valid JSON ({e}): it is damaged.") from None
+    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT or "state" not in record:
+        raise StateFileError(f"{meta} is not an epng state file.")
+    if not isinstance(record.get("format_version"), int) or record["format_version"] > STATE_VERSION:
+        raise StateFileError(f"{meta} has format version {record.get('format_version')!r}; this epng reads <= "
+                             f"{STATE_VERSION}: upgrade epng.")
+    try: tensors = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise StateFileError(f"{weights} cannot be read ({e}): it is truncated or damaged.") from None
+    try: return unflatten_state(tensors, record["state"], source=str(meta))
+    except RecursionError: raise StateFileError(f"{meta} nests deeper than any epng state: it is not ours.") from None
+
 # %% ../nbs/06_loop.ipynb #4e050093
-EPNG_STATE = "epng_state.pt"
+EPNG_STATE, OLD_EPNG_STATE = "epng_state", "epng_state.pt"
+OLD_FORMAT_HINT = ("it was written by an older epng as a pickle, which is not loaded because unpickling can run any "
+                   "code; restart the run with this epng (or load it with the older version you trust)")
 
 def reserve_capacity(handle: EPnGHandle, max_rank: int) -> None:
     "Give every layer `max_rank` padded rank slots now, so no factor is replaced later (multi-process training)."
     for lora in handle.loras:
-        if lora.capacity < round_up(max_rank): grow_capacity(lora, round_up(max_rank), handle.optimizer)
+        wanted = round_up(min(max_rank, rank_limit(lora)))   # slots past what the projections allow could never fill
+        if lora.capacity < wanted: grow_capacity(lora, wanted, handle.optimizer)
 
-def restore_ranks(handle: EPnGHandle, ranks: torch.Tensor, capacity: int) -> None:
-    "Give `handle` the saved per-expert `ranks` and padded `capacity` (factor values are loaded separately)."
+def check_ranks(handle: EPnGHandle, ranks, capacity, method: str | None = None) -> None:
+    """Check saved per-expert `ranks` and padded `capacity` against `handle` and the run's `method`: whole numbers in
+    0..capacity, a capacity this model allows, and a rank sum the method keeps (static and epng: exactly the budget)."""
+    if not torch.is_tensor(ranks):
+        raise EPnGError(f"the checkpoint's ranks are a {type(ranks).__name__}, not a tensor: the checkpoint is damaged.")
     if tuple(ranks.shape) != tuple(handle.ranks.shape):
         raise EPnGError(f"the checkpoint has ranks for {tuple(ranks.shape)} (MoE layers × experts) but this model has "
                         f"{tuple(handle.ranks.shape)}: resume into the model the run was started with.")
+    if ranks.dtype != torch.long:
+        raise EPnGError(f"the checkpoint's ranks are {ranks.dtype}, not whole numbers (int64): the checkpoint is damaged.")
+    limit, cfg = rank_limit(handle.loras[0]), handle.config   # no capacity past what this run could ever reserve
+    most = round_up(max(limit, cfg.max_rank or 0, 4 * cfg.rank, handle.loras[0].capacity))
+    if int(ranks.min()) < 0 or int(ranks.max()) > limit or type(capacity) is not int \
+            or not int(ranks.max()) <= capacity <= most:
+        raise EPnGError(f"the checkpoint's ranks ({int(ranks.min())}..{int(ranks.max())}) or capacity "
+                        f"({capacity!r}) are impossible for this model (whole ranks 0..{limit}): the checkpoint is damaged.")
+    total, budget = int(ranks.sum()), handle.budget
+    keeps = {"static": total == budget, "epng": total == budget, "prune_only": total <= budget,
+             "grow_only": total >= budget}   # prune-only frees ranks, grow-only adds them; the others move them
+    if method is not None and not keeps[check_method(method, LORA_METHODS)]:
+        rule = {"prune_only": "cannot rise above", "grow_only": "cannot fall below"}.get(method, "keeps")
+        raise EPnGError(f"the checkpoint's ranks sum to {total}, but a {method} run {rule} its budget of {budget}: "
+                        "the checkpoint is damaged (or from another rank r0); resume from another one.")
+
+def restore_ranks(handle: EPnGHandle, ranks: torch.Tensor, capacity: int, method: str | None = None) -> None:
+    "Give `handle` the saved per-expert `ranks` and padded `capacity` after `check_ranks` (factors load separately)."
+    check_ranks(handle, ranks, capacity, method)
     reserve_capacity(handle, capacity)
     for lora, row in zip(handle.loras, ranks): lora.ranks.copy_(row)
+
+def read_trainer_checkpoint(folder) -> dict:
+    "The epng state EPnGCallback saved in the Trainer checkpoint `folder`; `EPnGError` says why if it is not there."
+    folder = Path(folder)
+    if (folder / OLD_EPNG_STATE).exists() and not (folder / EPNG_STATE).exists():
+        raise EPnGError(f"{folder / OLD_EPNG_STATE} is not loaded: {OLD_FORMAT_HINT}.")
+    if not (folder / EPNG_STATE).is_dir():
+        raise EPnGError(f"{folder} is incomplete: it has no {EPNG_STATE} folder — either the run stopped after the "
+                        f"Trainer saved it and before EPnGCallback did, or it was not written by a Trainer with "
+                        f"EPnGCallback.")
+    state = load_state(folder / EPNG_STATE, "state")
+    if not isinstance(state, dict) or set(state) != {"controller", "ranks", "capacity"}:
+        raise StateFileError(f"{folder / EPNG_STATE} does not hold an EPnGCallback state.")
+    return state
+
+def complete_trainer_checkpoint(path) -> tuple[Path, dict]:
+    """`(folder, state)` of the checkpoint to resume from: `path` itself if it is a checkpoint, else the newest
+    complete `checkpoint-N` in the output folder `path`, warning about each newer one it skipped and why."""
+    path = Path(path)
+    if not path.name.startswith("checkpoint-") or not path.name[11:].isdigit():
+        found = sorted((int(p.name[11:]), p) for p in path.glob("checkpoint-*") if p.name[11:].isdigit())
+        for _, folder in reversed(found):
+            try: return folder, read_trainer_checkpoint(folder)
+            except EPnGError as e: warnings.warn(f"skipping {folder.name}: {e}")
+        raise EPnGError(f"{path} holds no complete Trainer checkpoint with epng state: start the run anew.")
+    try: return path, read_trainer_checkpoint(path)
+    except EPnGError as e:
+        older = sorted((int(p.name[11:]), p) for p in path.parent.glob("checkpoint-*")
+                       if p.name[11:].isdigit() and int(p.name[11:]) < int(path.name[11:]))
+        for _, folder in reversed(older):
+            try: read_trainer_checkpoint(folder)
+            except EPnGError: continue
+            raise EPnGError(f"{e} The newest complete checkpoint before it is {folder}: restore that, or give "
+                            f"restore() the output folder {path.parent} and it picks it.") from None
+        raise
 
 class EPnGCallback(TrainerCallback):
     "Runs EPnG inside `transformers.Trainer` (and TRL's `SFTTrainer`), editing the Trainer's own optimizer."
@@ -165,18 +368,20 @@ class EPnGCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero: return
-        folder = f"{args.output_dir}/checkpoint-{state.global_step}"
-        atomic_save_torch({"controller": self.controller.state_dict(), "ranks": self.handle.ranks,
-                           "capacity": self.handle.loras[0].capacity}, f"{folder}/{EPNG_STATE}")
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / EPNG_STATE
+        with atomic_dir(folder) as tmp:
+            save_state({"controller": self.controller.state_dict(), "ranks": self.handle.ranks,
+                        "capacity": self.handle.loras[0].capacity}, tmp, "state")
 
-    def restore(self, checkpoint_dir: str) -> None:
-        "Before `trainer.train(resume_from_checkpoint=checkpoint_dir)`: give the model the saved ranks and capacity."
-        path = os.path.join(checkpoint_dir, EPNG_STATE)
-        if not os.path.exists(path):
-            raise EPnGError(f"{checkpoint_dir} has no {EPNG_STATE}: it was not written by a Trainer with EPnGCallback.")
-        state = torch.load(path, weights_only=True)
-        restore_ranks(self.handle, state["ranks"], state["capacity"])
+    def restore(self, checkpoint: str) -> str:
+        """Before `trainer.train(resume_from_checkpoint=...)`: give the model the saved ranks and capacity. `checkpoint`
+        is a `checkpoint-N` folder, or the output folder (then the newest complete checkpoint in it is used); returns
+        the folder to resume from."""
+        folder, state = complete_trainer_checkpoint(checkpoint)
+        check_controller_state(state["controller"], self.handle)   # all checked before the handle changes
+        restore_ranks(self.handle, state["ranks"], state["capacity"], self.method)
         self._restored = state["controller"]
+        return str(folder)
 
 # %% ../nbs/06_loop.ipynb #1e531357
 def cycle_tables(history: list) -> tuple[torch.Tensor, torch.Tensor]:

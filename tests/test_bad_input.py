@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 import epng
+import epng.data
 
 
 def test_model_without_moe_layer():
@@ -91,3 +92,53 @@ def test_budget_that_cannot_be_met():
     importance = torch.rand(1, 4)
     with pytest.raises(epng.BudgetError, match="max_rank"):
         epng.plan_cycle(importance, torch.full((1, 4), 8), 0.5, 0.25, max_rank=8)
+
+
+# --- data files, through every entry point that reads one ------------------------------------------------------------
+
+def _readers():
+    from epng.eval import load_eval_rows, local_task_configs
+    from epng.repro import prefeval_items
+    return {"load_rows": epng.load_rows,
+            "load_eval_rows": lambda p: load_eval_rows("gsm8k", p),
+            "local_task_configs": lambda p: local_task_configs(p.parent / "tasks", arc=p),
+            "prefeval_items": prefeval_items}
+
+
+@pytest.mark.parametrize("reader", ["load_rows", "load_eval_rows", "local_task_configs", "prefeval_items"])
+@pytest.mark.parametrize("case", ["utf-16", "gzip bomb", "truncated gzip", "deep nesting", "list row", "too many rows"])
+def test_every_reader_names_the_file_and_the_problem(tmp_path, reader, case, monkeypatch):
+    import gzip
+    monkeypatch.setattr(epng.data, "MAX_JSON_ROWS", 2)
+    name = "rows.jsonl.gz" if "gzip" in case else "rows.jsonl"
+    path = tmp_path / name
+    if case == "utf-16": path.write_text('{"question": "1+1?", "answer": "2"}\n', encoding="utf-16")
+    elif case == "gzip bomb":
+        with gzip.open(path, "wb") as f:
+            for _ in range(40): f.write(b" " * 2**20)                     # 40 MB of one line, 40 kB on disk
+    elif case == "truncated gzip": path.write_bytes(gzip.compress(b'{"question": "q", "answer": "a"}\n' * 100)[:-20])
+    elif case == "deep nesting": path.write_text('{"question": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    elif case == "list row": path.write_text('{"question": "q", "answer": "a"}\n["q", "a"]\n')
+    else: path.write_text('{"question": "q", "answer": "a"}\n' * 3)
+    message = {"utf-16": "is UTF-16 text", "gzip bomb": "line 1: the line passes the limit",
+               "truncated gzip": "is not a complete gzip file", "deep nesting": "line 1 nests lists/objects",
+               "list row": "line 2 is a JSON list, not an object",
+               "too many rows": "line 3: the number of rows passes the limit of 2 rows"}[case]
+    with pytest.raises(epng.EPnGError) as err:
+        _readers()[reader](path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_a_planted_adapter_runs_nothing(tmp_path, tiny):
+    "Adapter files that hold a pickle payload: parsed as data, refused, and the payload never runs."
+    import pickle, shutil
+    class Payload:
+        def __reduce__(self): return (exec, (f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')",))
+    good = epng.save_adapter(epng.attach(tiny()), tmp_path / "good")
+    for planted in ["epng_adapter.json", "epng_adapter.safetensors"]:
+        folder = tmp_path / planted
+        shutil.copytree(good, folder)
+        (folder / planted).write_bytes(pickle.dumps(Payload()))
+        with pytest.raises(epng.EPnGError, match=f"{planted} is not a usable epng adapter"):
+            epng.load_adapter(tiny(), folder)
+    assert not (tmp_path / "pwned").exists()

@@ -1,13 +1,15 @@
 "Adapters on disk: atomic writes, exact save/load, clear errors, and peft export that peft itself loads."
-import copy, json
+import copy, errno, json, math, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 import epng
+import epng.checkpoint as checkpoint
 from epng.checkpoint import (atomic_dir, atomic_save_torch, atomic_write_json, save_adapter, load_adapter,
-                             load_adapter_into, export_peft, from_peft_layout, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+                             load_adapter_into, export_peft, from_peft_layout, remove_stale_temporaries,
+                             InvalidAdapterError, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 peft = pytest.importorskip("peft")
 # peft 0.21 checks rank_pattern keys against module names only, so it warns about patterns it does apply
@@ -84,6 +86,130 @@ def test_atomic_dir_refuses_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(epng.EPnGError, match="is a file"):
         with atomic_dir(tmp_path / "f"): pass
+
+
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_saved_files_and_folders_follow_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        with atomic_dir(tmp_path / "ckpt") as d: (d / "a.txt").write_text("1")
+        atomic_write_json({"step": 1}, tmp_path / "state.json")
+        atomic_save_torch({"w": torch.ones(1)}, tmp_path / "opt.pt")
+    finally: os.umask(old)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o777 & ~mask   # not mkdtemp's 0700
+    for f in ["state.json", "opt.pt", "ckpt/a.txt"]:
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~mask, f  # not mkstemp's 0600
+
+
+def _disk_full_after(n_bytes):
+    "A stand-in for safetensors' save_file that writes `n_bytes` and then finds the disk full."
+    def save(tensors, path, metadata=None):
+        Path(path).write_bytes(b"x" * n_bytes)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save
+
+
+def test_disk_full_names_the_folder_and_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    h, ids = _trained(_base(), steps=1)
+    save_adapter(h, tmp_path / "out/adapter", extra={"step": 1})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out/adapter").iterdir()}
+    monkeypatch.setattr(checkpoint, "save_file", _disk_full_after(1000))
+    with pytest.raises(epng.EPnGError) as err:
+        save_adapter(h, tmp_path / "out/adapter", extra={"step": 2})
+    msg = str(err.value)
+    assert f"could not save into {tmp_path / 'out'}: disk full" in msg and "Free some space" in msg
+    assert "unchanged" in msg and isinstance(err.value.__cause__, OSError)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out/adapter").iterdir()} == before
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["adapter"]          # no temporary left
+
+
+def test_nested_save_names_the_outer_folder(tmp_path, monkeypatch):
+    "A checkpoint folder holding an adapter folder (as training writes it): the error names the output folder."
+    h, _ = _trained(_base(), steps=1)
+    monkeypatch.setattr(checkpoint, "save_file", _disk_full_after(10))
+    with pytest.raises(epng.EPnGError) as err:
+        with atomic_dir(tmp_path / "run/checkpoint-5") as d: save_adapter(h, d / "adapter")
+    assert f"could not save into {tmp_path / 'run'}: disk full" in str(err.value) and ".tmp-" not in str(err.value)
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+@pytest.mark.parametrize("fail_at", ["mkstemp", "torch.save", "os.replace"])
+def test_atomic_file_errors_name_the_folder(tmp_path, monkeypatch, fail_at):
+    atomic_save_torch({"w": torch.arange(3)}, tmp_path / "opt.pt")
+    def boom(*args, **kwargs): raise OSError(errno.ENOSPC, "No space left on device")
+    target = {"mkstemp": (checkpoint.tempfile, "mkstemp"), "torch.save": (torch, "save"),
+              "os.replace": (checkpoint.os, "replace")}[fail_at]
+    monkeypatch.setattr(*target, boom)
+    with pytest.raises(epng.EPnGError, match=f"could not save into {tmp_path}: disk full"):
+        atomic_save_torch({"w": torch.zeros(3)}, tmp_path / "opt.pt")
+    monkeypatch.undo()
+    assert torch.equal(torch.load(tmp_path / "opt.pt")["w"], torch.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["opt.pt"]
+
+
+def test_a_file_in_the_way(tmp_path):
+    h, _ = _trained(_base(), steps=1)
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(epng.EPnGError, match=f"could not save into {tmp_path / 'out'}: a file is in the way"):
+        save_adapter(h, tmp_path / "out/adapter")
+    with pytest.raises(epng.EPnGError, match="a file is in the way"):
+        atomic_write_json({}, tmp_path / "out/state.json")
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_permission_denied_names_the_folder(tmp_path, monkeypatch):
+    def denied(*args, **kwargs): raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(checkpoint.tempfile, "mkdtemp", denied)
+    with pytest.raises(epng.EPnGError, match=f"could not save into {tmp_path}: permission denied .*Make the folder writable"):
+        with atomic_dir(tmp_path / "ckpt"): pass
+
+
+READ_ONLY_SAVE = """
+import sys, epng
+from pathlib import Path
+from epng.checkpoint import atomic_dir
+try:
+    with atomic_dir(Path(sys.argv[1]) / "ckpt") as d: (d / "a.txt").write_text("2")
+except epng.EPnGError as e: print("EPnGError:", e)
+"""
+
+
+def test_read_only_folder_for_real(tmp_path):
+    "A read-only bind mount (bubblewrap), so that the test holds even when run as root."
+    out = tmp_path / "out"
+    with atomic_dir(out / "ckpt") as d: (d / "a.txt").write_text("1")
+    if not shutil.which("bwrap") or subprocess.run(["bwrap", "--bind", "/", "/", "true"]).returncode:
+        pytest.skip("bubblewrap cannot make a read-only mount here")
+    run = subprocess.run(["bwrap", "--bind", "/", "/", "--ro-bind", str(out), str(out), "--dev", "/dev",
+                          sys.executable, "-c", READ_ONLY_SAVE, str(out)], capture_output=True, text=True, timeout=120)
+    assert f"EPnGError: could not save into {out}: read-only file system" in run.stdout, run.stdout + run.stderr
+    assert (out / "ckpt/a.txt").read_text() == "1" and [p.name for p in out.iterdir()] == ["ckpt"]
+
+
+def test_remove_stale_temporaries_after_killed_saves(tmp_path):
+    with atomic_dir(tmp_path / "checkpoint-2") as d: (d / "a.txt").write_text("2")
+    for name in ["checkpoint-4", "metrics.json"]:   # a child killed inside the save leaves its temporary behind
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with (checkpoint._atomic_file if name.endswith(".json") else atomic_dir)(tmp_path / name) as t:
+                    (t if name.endswith(".json") else t / "half.txt").write_text("{"); os._exit(0)
+            finally: os._exit(1)
+        os.waitpid(pid, 0)
+    # a save killed between its two renames: the old copy aside, the new one still under its temporary name
+    os.rename(tmp_path / "checkpoint-2", tmp_path / ".checkpoint-2.old-0123abcd")
+    keep = [tmp_path / "notes.tmp-1", tmp_path / ".cache", tmp_path / "checkpoint-2.old-1"]
+    for k in keep: k.mkdir()
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name and p.name.startswith("."))
+    assert [n.split(".tmp-")[0] for n in leftovers] == [".checkpoint-4", ".metrics.json"]
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == leftovers and all(p.parent == tmp_path for p in removed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".cache", "checkpoint-2", "checkpoint-2.old-1",
+                                                                  "notes.tmp-1"])
+    assert (tmp_path / "checkpoint-2/a.txt").read_text() == "2"          # the last complete copy is back
+    assert remove_stale_temporaries(tmp_path) == [] and remove_stale_temporaries(tmp_path / "nowhere") == []
 
 
 # --- save / load ---------------------------------------------------------------------------------------------------
@@ -163,6 +289,201 @@ def test_load_errors(tmp_path):
     with pytest.raises(epng.EPnGError, match="JSON values"):
         save_adapter(h, tmp_path / "b", extra={"t": torch.ones(1)})
     assert not (tmp_path / "b").exists()
+
+
+# --- damaged adapters ----------------------------------------------------------------------------------------------
+
+def _live(base):
+    "A handle mid-training: its own factors, AdamW state, gradients, importance and capacity 8 (below the adapter's)."
+    h = epng.attach(copy.deepcopy(base))
+    opt = torch.optim.AdamW(h.parameters(), lr=1e-2)
+    h.bind_optimizer(opt)
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    h.model.train()
+    for _ in range(2):
+        h.model(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad()
+    h.model(input_ids=ids, labels=ids).loss.backward()          # gradients pending too
+    h.prune(1, 2)
+    return h
+
+
+def _everything(h):
+    "Every tensor a load could touch, the optimizer's state, and which Parameter objects it refers to."
+    params = [p for lora in h.loras for p in lora.parameters()]
+    opt = h.optimizer
+    return {"params": [(id(p), p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in params],
+            "ranks": h.ranks.clone(), "capacity": [lora.capacity for lora in h.loras], "budget": h.budget,
+            "importance": {k: v.clone() for k, v in h.importance.state_dict().items()},
+            "groups": [[id(p) for p in g["params"]] for g in opt.param_groups],
+            "state": {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                      for p, st in opt.state.items()}}
+
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict): return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)): return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _edit(src, dst, meta=None, tensors=None):
+    "Copy the adapter `src` to `dst`, passing its JSON through `meta` and its tensors through `tensors`."
+    shutil.copytree(src, dst)
+    if meta:
+        m = json.loads((dst / ADAPTER_CONFIG).read_text()); meta(m)
+        (dst / ADAPTER_CONFIG).write_text(json.dumps(m))
+    if tensors:
+        t = load_file(dst / ADAPTER_WEIGHTS); tensors(t)
+        save_file(t, dst / ADAPTER_WEIGHTS)
+    return dst
+
+
+def _set(d, key, value): d[key] = value
+def _set_rank(m, t, l, e, r):
+    m["ranks"][l][e] = r
+    t[f"layers.{l}.ranks"][e] = r
+def _nan(t): t["layers.1.gate_proj.A"][2, 0, 0] = math.nan
+def _cut(f): f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+# The saved adapter: ranks [[8,8,8,0,8,8,10,8], [0,8,8,8,8,17,8,8]] (sum 123), capacity [16, 24], budget 128.
+DAMAGE = {
+    "nan factor": (dict(tensors=_nan), "layers.1.gate_proj.A holds NaN or infinite values"),
+    "inf importance": (dict(tensors=lambda t: t["importance.sums"].__setitem__((0, 1), math.inf)),
+                       "importance.sums holds NaN or infinite values"),
+    "negative count": (dict(tensors=lambda t: t["importance.counts"].__setitem__(0, -1.0)),
+                       "importance.counts holds negative values"),
+    "rank -3": (dict(meta=lambda m: m["ranks"][0].__setitem__(1, -3)), "expert 1 in MoE layer 0 is -3"),
+    "fractional rank": (dict(meta=lambda m: m["ranks"][0].__setitem__(1, 2.5)), "expert 1 in MoE layer 0 is 2.5"),
+    "boolean rank": (dict(meta=lambda m: m["ranks"][0].__setitem__(1, True)), "expert 1 in MoE layer 0 is True"),
+    "rank > capacity": (dict(meta=lambda m: m["ranks"][1].__setitem__(5, 30)), "is 30: ranks are whole numbers from 0 to the layer's capacity 24"),
+    "rank > max_rank": (dict(meta=lambda m: m["config"].__setitem__("max_rank", 9)), "is 10: .*and max_rank 9"),
+    "rank sum lowered": (dict(meta=lambda m: m["ranks"][0].__setitem__(1, 4)), "add up to 119, but it records a rank sum of 123"),
+    "rank sum raised": (dict(meta=lambda m: m["ranks"][1].__setitem__(1, 16)), "add up to 131, but it records a rank sum of 123"),
+    "ranks only in the tensor": (dict(tensors=lambda t: t["layers.0.ranks"].__setitem__(1, 4)),
+                                 r"layers.0.ranks holds \[8, 4, .*but the JSON gives the ranks \[8, 8,"),
+    "edited budget": (dict(meta=lambda m: m.update(budget=512, rank_sum=sum(map(sum, m["ranks"])))),
+                      r"budget 512 is not the 128 its config and shapes give \(rank 8 × 2 MoE layers × 8 experts\)"),
+    "capacity 10**9": (dict(meta=lambda m: m["capacity"].__setitem__(1, 10**9)), "capacity must be 2 whole numbers in 1..32"),
+    "capacity as text": (dict(meta=lambda m: m["capacity"].__setitem__(0, "16")), "capacity must be 2 whole numbers"),
+    "missing tensor": (dict(tensors=lambda t: t.pop("layers.0.up_proj.B")), r"tensors missing: \['layers.0.up_proj.B'\]"),
+    "surprise tensor": (dict(tensors=lambda t: t.update(payload=torch.zeros(3))), r"tensors not expected: \['payload'\]"),
+    "wrong shape": (dict(tensors=lambda t: t.update({"layers.0.gate_proj.A": torch.zeros(8, 11, 64)})),
+                    r"layers.0.gate_proj.A is F32 \(8, 11, 64\), expected F32 \(8, 10, 64\)"),
+    "wrong dtype": (dict(tensors=lambda t: t.update({"layers.1.up_proj.B": t["layers.1.up_proj.B"].double()})),
+                    r"layers.1.up_proj.B is F64 \(8, 32, 17\), expected F32"),
+    "ranks as floats": (dict(tensors=lambda t: t.update({"layers.0.ranks": t["layers.0.ranks"].float()})),
+                        r"layers.0.ranks is F32 \(8,\), expected I64"),
+    "num_experts as text": (dict(meta=lambda m: _set(m, "num_experts", "8")), "num_experts is '8', not a whole number"),
+    "unknown config key": (dict(meta=lambda m: m["config"].update(evil=1)), "its config is not a valid EPnGConfig"),
+    "bad config value": (dict(meta=lambda m: m["config"].update(lora_alpha="16")), "its config is not a valid EPnGConfig"),
+    "missing field": (dict(meta=lambda m: m.pop("capacity")), "it lacks the field 'capacity'"),
+    "not an adapter": (dict(meta=lambda m: _set(m, "format", "pickle")), "its format is 'pickle', not 'epng-adapter'"),
+}
+RAW_DAMAGE = {   # file-level damage: (file, how, message)
+    "truncated safetensors": (ADAPTER_WEIGHTS, _cut, "not a readable safetensors file"),
+    "empty safetensors": (ADAPTER_WEIGHTS, lambda f: f.write_bytes(b""), "not a readable safetensors file"),
+    "garbage safetensors": (ADAPTER_WEIGHTS, lambda f: f.write_bytes(b"\x80\x00" * 50), "not a readable safetensors file"),
+    "empty json": (ADAPTER_CONFIG, lambda f: f.write_text(""), "the file is empty"),
+    "truncated json": (ADAPTER_CONFIG, _cut, "it is not valid JSON"),
+    "non-json metadata": (ADAPTER_CONFIG, lambda f: f.write_text("format: epng-adapter\n"), "it is not valid JSON"),
+    "json list": (ADAPTER_CONFIG, lambda f: f.write_text("[1, 2]"), "it holds a JSON list, not an object"),
+    "latin-1 json": (ADAPTER_CONFIG, lambda f: f.write_bytes(f.read_bytes().replace(b"}", b"\xe9}", 1)), "not UTF-8 text"),
+    "deep json": (ADAPTER_CONFIG, lambda f: f.write_text("[" * 100_000 + "]" * 100_000), "nests lists/objects thousands deep"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    base = _base()
+    h, _ = _trained(base)
+    folder = save_adapter(h, tmp_path_factory.mktemp("good") / "adapter")
+    return base, h, folder
+
+
+def test_the_good_adapter_loads(saved_adapter, tmp_path):
+    base, h, folder = saved_adapter
+    meta = json.loads((folder / ADAPTER_CONFIG).read_text())
+    assert meta["rank_sum"] == 123 and meta["budget"] == 128 and meta["capacity"] == [16, 24]
+    live = _live(base)
+    load_adapter_into(live, _edit(folder, tmp_path / "copy"))
+    assert torch.equal(live.ranks, h.ranks) and [l.capacity for l in live.loras] == [16, 24]
+
+
+@pytest.mark.parametrize("case", list(DAMAGE) + list(RAW_DAMAGE))
+def test_a_damaged_adapter_is_refused_and_changes_nothing(saved_adapter, tmp_path, case):
+    base, _, folder = saved_adapter
+    if case in DAMAGE:
+        edits, message = DAMAGE[case]
+        bad = _edit(folder, tmp_path / "bad", **edits)
+        named = bad / ADAPTER_CONFIG if "meta" in edits else bad / ADAPTER_WEIGHTS
+    else:
+        file, how, message = RAW_DAMAGE[case]
+        bad = _edit(folder, tmp_path / "bad")
+        how(bad / file)
+        named = bad / file
+    live = _live(base)
+    before = _everything(live)
+    with pytest.raises(InvalidAdapterError, match=message) as err:
+        load_adapter_into(live, bad)
+    assert str(named) in str(err.value) and isinstance(err.value, epng.EPnGError)
+    assert _same(_everything(live), before)
+    fresh = copy.deepcopy(base)
+    with pytest.raises(InvalidAdapterError, match=message): load_adapter(fresh, bad)
+    assert not any(hasattr(m, "epng_lora") for m in fresh.modules())   # refused before attaching
+
+
+def test_an_oversized_adapter_json_is_not_read(saved_adapter, tmp_path, monkeypatch):
+    base, _, folder = saved_adapter
+    bad = _edit(folder, tmp_path / "big", meta=lambda m: m["extra"].update(padding="x" * 100_000))
+    monkeypatch.setattr(checkpoint, "MAX_ADAPTER_JSON_BYTES", 50_000)
+    with pytest.raises(InvalidAdapterError, match=r"epng_adapter.json is not a usable .*more than the 50,000 an adapter's JSON"):
+        load_adapter(copy.deepcopy(base), bad)
+    monkeypatch.undo()
+    assert load_adapter(copy.deepcopy(base), bad).budget == 128
+
+
+def test_a_failure_midway_through_a_restore_is_rolled_back(saved_adapter, monkeypatch):
+    "Valid adapter, but the second layer's restore fails (say, out of memory): the handle is put back as it was."
+    base, h, folder = saved_adapter
+    live = _live(base)
+    before = _everything(live)
+    opt_params = [p for g in live.optimizer.param_groups for p in g["params"]]
+    real, calls = checkpoint.prune_experts, []
+    def prune_then_fail(lora, experts, optimizer=None):
+        calls.append(lora)
+        if len(calls) == 2: raise RuntimeError("out of memory")
+        real(lora, experts, optimizer)
+    monkeypatch.setattr(checkpoint, "prune_experts", prune_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        load_adapter_into(live, folder)
+    assert len(calls) == 2 and _same(_everything(live), before)       # layer 0 had been grown and restored
+    assert all(a is b for a, b in zip(opt_params, [p for g in live.optimizer.param_groups for p in g["params"]]))
+    assert set(map(id, live.optimizer.state)) == set(map(id, opt_params)) & set(before["state"])
+    monkeypatch.undo()
+    load_adapter_into(live, folder)                                    # and it still takes a good load afterwards
+    assert torch.equal(live.ranks, h.ranks)
+    live.model.train()
+    ids = torch.randint(3, 256, (2, 12))
+    live.model(input_ids=ids, labels=ids).loss.backward(); live.optimizer.step()
+
+
+def test_restore_adapter_checks_what_it_is_given(saved_adapter):
+    "restore_adapter is public: it checks its arguments itself, against the handle too."
+    base, h, folder = saved_adapter
+    meta, tensors = checkpoint.read_adapter(folder)
+    live = _live(base)
+    before = _everything(live)
+    for edit, message in [(lambda m, t: t["layers.0.gate_proj.A"].fill_(math.nan), "holds NaN"),
+                          (lambda m, t: _set_rank(m, t, 0, 1, -3), "is -3"),
+                          (lambda m, t: _set(m, "budget", 512), "budget 512")]:
+        m, t = copy.deepcopy(meta), {k: v.clone() for k, v in tensors.items()}
+        edit(m, t)
+        with pytest.raises(InvalidAdapterError, match=message): checkpoint.restore_adapter(live, m, t)
+        assert _same(_everything(live), before)
+    down = epng.attach(copy.deepcopy(base), epng.EPnGConfig(targets=("down_proj",)))
+    with pytest.raises(epng.EPnGError, match=r"adapts \['gate_proj', 'up_proj'\], this handle \['down_proj'\]"):
+        checkpoint.restore_adapter(down, meta, tensors)
 
 
 # --- peft export ---------------------------------------------------------------------------------------------------
@@ -248,3 +569,27 @@ def test_merged_model_saves_and_loads_as_plain_transformers(tmp_path, arch):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not [n for n in loaded.state_dict() if "epng" in n]
     torch.testing.assert_close(_logits(loaded, ids), _logits(h.model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_reserved_past_the_rank_limit_still_saves_a_loadable_adapter(tmp_path):
+    "The callback reserves max_rank slots for multi-process runs; past what the projections allow it stops at their limit."
+    from epng.loop import reserve_capacity
+    from epng.nano import load_nano
+    model, _ = load_nano()
+    handle = epng.attach(copy.deepcopy(model), epng.EPnGConfig(rank=8))
+    reserve_capacity(handle, 10_000)
+    limit = min(min(shape) for shape in handle.loras[0].shapes.values())
+    assert handle.loras[0].capacity == limit
+    save_adapter(handle, tmp_path / "a")
+    assert load_adapter(copy.deepcopy(model), tmp_path / "a").loras[0].capacity == limit
+
+
+def test_an_adapter_read_with_another_importance_is_refused(tmp_path):
+    "Statistics gathered as 'selection' cannot resume a run that reads 'gate': the adapter says which it used."
+    from epng.nano import load_nano
+    model, _ = load_nano()
+    save_adapter(epng.attach(copy.deepcopy(model), epng.EPnGConfig(importance="selection")), tmp_path / "a")
+    handle = epng.attach(copy.deepcopy(model), epng.EPnGConfig())
+    with pytest.raises(epng.EPnGError, match="importance: adapter 'selection', handle 'gate'"):
+        epng.load_adapter_into(handle, tmp_path / "a")
+    assert epng.load_adapter(copy.deepcopy(model), tmp_path / "a").config.importance == "selection"

@@ -1,5 +1,8 @@
 "Data loading, masking, padding and batch order of epng.data (offline: tests/conftest.py blocks the hub)."
+import gzip
 import json
+import tracemalloc
+from pathlib import Path
 import re
 import warnings
 
@@ -7,10 +10,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from epng import data
 from epng.moe import EPnGError
+from epng.eval import load_eval_rows
 from epng.data import (BYTE_VOCAB_SIZE, FORMATS, IGNORE_INDEX, PLAIN_TEMPLATE, NoResponseLeftError, SFTDataset,
                        StepBatchSampler, batch_order, byte_tokenizer, collate, embedded_dataset, encode,
-                       fixture_path, fixture_text, load_rows, make_batches, render_prompt, synthetic_rows)
+                       fixture_path, fixture_text, load_rows, make_batches, read_json_rows, render_prompt,
+                       synthetic_rows)
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -78,6 +84,107 @@ def test_broken_json_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"query": "q", "response": "r"}\nnot json\n')
     with pytest.raises(EPnGError, match="line 2 is not valid JSON"):
         load_rows(tmp_path / "bad.jsonl")
+
+
+# --- files that are not what they claim ------------------------------------------------------------------------------
+
+def _gzip(path, pieces):
+    with gzip.open(path, "wb") as f:
+        for piece in pieces: f.write(piece)
+    return path
+
+
+def _peak_mib(fn):
+    "Run `fn` (which must raise EPnGError) and return the error and the peak traced memory in MiB."
+    tracemalloc.start()
+    try:
+        with pytest.raises(EPnGError) as err: fn()
+        return err.value, tracemalloc.get_traced_memory()[1] / 2**20
+    finally: tracemalloc.stop()
+
+
+@pytest.mark.parametrize("byte", [b"\0", b" "])
+def test_gzip_bomb_fails_fast_without_inflating(tmp_path, byte):
+    bomb = _gzip(tmp_path / "bomb.jsonl.gz", [byte * 2**20] * 200)   # 200 MB of one byte
+    assert bomb.stat().st_size < 1_000_000
+    err, peak = _peak_mib(lambda: read_json_rows(bomb))
+    assert "bomb.jsonl.gz line 1" in str(err) and "epng.data.MAX_JSON_LINE_BYTES" in str(err)
+    assert peak < 3 * data.MAX_JSON_LINE_BYTES / 2**20      # loosely: the line limit, not the 200 MB
+    with pytest.raises(EPnGError, match="bomb.jsonl.gz line 1"): load_eval_rows("gsm8k", bomb)  # evaluation reads it too
+
+
+def test_size_limit_counts_inflated_bytes(tmp_path, monkeypatch):
+    line = json.dumps({"query": "q" * 100, "response": "r"}).encode() + b"\n"
+    small = _gzip(tmp_path / "rows.jsonl.gz", [line * 1000])                 # about 110 kB of text
+    assert len(read_json_rows(small)) == 1000
+    monkeypatch.setattr(data, "MAX_JSON_BYTES", 2**20)
+    big = _gzip(tmp_path / "big.jsonl.gz", [line * 1000] * 500)             # about 55 MB of text
+    err, peak = _peak_mib(lambda: read_json_rows(big))
+    assert "big.jsonl.gz: the text inflated from this gzip file passes the limit of 1,048,576 bytes" in str(err)
+    assert "raise epng.data.MAX_JSON_BYTES" in str(err) and peak < 16    # loosely: the limit, not the 55 MB
+    doc = _gzip(tmp_path / "doc.json.gz", [b"["] + [b" " * 2**20] * 50 + [b"]"])  # a whole .json document
+    err, peak = _peak_mib(lambda: read_json_rows(doc))
+    assert "doc.json.gz: the text" in str(err) and peak < 16
+    (tmp_path / "plain.jsonl").write_bytes(line * 10_000)
+    with pytest.raises(EPnGError, match="plain.jsonl: the text passes the limit"): load_rows(tmp_path / "plain.jsonl")
+
+
+def test_line_limit_names_the_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_JSON_LINE_BYTES", 100)
+    ok = json.dumps({"query": "q", "response": "r"})
+    (tmp_path / "rows.jsonl").write_text(ok + "\n" + ok + "\n" + json.dumps({"query": "q" * 200, "response": "r"}) + "\n")
+    with pytest.raises(EPnGError, match=r"rows.jsonl line 3: the line passes the limit of 100 bytes.*MAX_JSON_LINE_BYTES"):
+        load_rows(tmp_path / "rows.jsonl")
+    (tmp_path / "rows.jsonl").write_text(ok + "\n" + ok)                 # no newline at the end: still read
+    assert len(load_rows(tmp_path / "rows.jsonl")) == 2
+
+
+def test_nesting_limit(tmp_path, monkeypatch):
+    def row(depth): return '{"query": ' + "[" * (depth - 1) + "]" * (depth - 1) + ', "response": "r"}'
+    (tmp_path / "ok.jsonl").write_text(row(data.MAX_JSON_DEPTH) + "\n")
+    assert read_json_rows(tmp_path / "ok.jsonl")[0]["response"] == "r"
+    for depth in [data.MAX_JSON_DEPTH + 1, 200_000]:                      # the second would hit the recursion limit
+        (tmp_path / "deep.jsonl").write_text('{"query": "q", "response": "r"}\n' + row(depth) + "\n")
+        with pytest.raises(EPnGError, match=r"deep.jsonl line 2 nests lists/objects more than 64 deep.*MAX_JSON_DEPTH"):
+            read_json_rows(tmp_path / "deep.jsonl")
+    (tmp_path / "deep.json").write_text("[" + row(data.MAX_JSON_DEPTH) + "]")  # the list adds one level
+    with pytest.raises(EPnGError, match="deep.json nests"): read_json_rows(tmp_path / "deep.json")
+    monkeypatch.setattr(data, "MAX_JSON_DEPTH", 70)
+    assert len(read_json_rows(tmp_path / "deep.json")) == 1
+
+
+@pytest.mark.parametrize("encoding,message", [("utf-16", "is UTF-16 text"), ("utf-16-le", "holds NUL bytes"),
+                                              ("utf-32", "is UTF-32 text"), ("latin-1", "line 2 is not UTF-8 text")])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_other_encodings_say_resave_as_utf8(tmp_path, encoding, message, suffix):
+    rows = [{"query": "1+1?", "response": "2"}, {"query": "café", "response": "x"}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows) if suffix == ".jsonl" else \
+        "[" + json.dumps(rows[0]) + ",\n" + json.dumps(rows[1], ensure_ascii=False) + "]"
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(EPnGError) as err: load_rows(path)
+    assert str(path) in str(err.value) and message in str(err.value) and "re-save it as UTF-8" in str(err.value)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))            # a UTF-8 byte-order mark is fine
+    assert load_rows(path)[1] == ("café", "x")
+
+
+def test_broken_gzip_and_unreadable_paths(tmp_path):
+    whole = gzip.compress(b'{"query": "q", "response": "r"}\n')
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[:-9])
+    (tmp_path / "plain.jsonl.gz").write_text('{"query": "q", "response": "r"}\n')
+    for name in ["cut.jsonl.gz", "plain.jsonl.gz"]:
+        with pytest.raises(EPnGError, match=f"{name} is not a complete gzip file"): load_rows(tmp_path / name)
+    (tmp_path / "ok.jsonl.gz").write_bytes(whole)
+    assert load_rows(tmp_path / "ok.jsonl.gz") == [("q", "r")]
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(EPnGError, match="cannot read .*dir.jsonl"): read_json_rows(tmp_path / "dir.jsonl")
+
+
+@pytest.mark.parametrize("name", ["gsm8k_sample.jsonl", "../data.py", "/etc/passwd", "metamathqa_sample.jsonl"])
+def test_embedded_accepts_only_embedded_names(name):
+    with pytest.raises(EPnGError, match="the embedded ones are embedded:codealpaca, embedded:metamathqa"):
+        load_rows(f"embedded:{name}")
+    with pytest.raises(EPnGError, match="no shipped sample"): fixture_path(f"../fixtures/{Path(name).name}")
 
 
 # --- local files -------------------------------------------------------------------------------------------------
