@@ -10,32 +10,23 @@ import torch
 from torch import nn
 from transformers.integrations.moe import _grouped_linear
 from .moe import EPnGError, UnsupportedExpertsError, MoELayer, find_moe_layers, count_parameters
-from .gates import gate_stats, token_mask
+from .gates import GateCollector
 from .lora import EPNG_IMPLEMENTATION, expert_offsets, lora_dtype, set_experts_implementation
 
 # %% auto #0
-__all__ = ['ESFT_TOP_P', 'routing_sums', 'esft_scores', 'select_esft_experts', 'ExpertDelta', 'merge_expert_delta',
+__all__ = ['ESFT_TOP_P', 'ESFT_READING', 'esft_scores', 'select_esft_experts', 'ExpertDelta', 'merge_expert_delta',
            'check_selection', 'ESFTHandle', 'attach_esft', 'FullFineTuning', 'attach_fft', 'base_parameter_count',
            'share_table']
 
 # %% ../nbs/06a_baselines.ipynb #d7561b1e
 ESFT_TOP_P = {"gate": 0.1, "token": 0.2}  # ESFT's thresholds per criterion; the official scripts use token @ 0.2
+ESFT_READING = {"gate": "gate", "token": "selection"}  # each criterion is one of the collector's readings (notebook 01)
 
 def _check_criterion(criterion: str) -> str:
     if criterion not in ESFT_TOP_P:
         raise EPnGError(f"unknown ESFT criterion {criterion!r}: use 'gate' (average gate score) or 'token' "
                         "(token-selection ratio).")
     return criterion
-
-def routing_sums(logits: torch.Tensor, top_k_index: torch.Tensor, mask: torch.Tensor | None,
-                 criterion: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
-    "Per-expert sum over the real tokens of one router call (softmax probability, or top-k hits / k) and the token count."
-    if _check_criterion(criterion) == "gate": return gate_stats(logits, mask)
-    hits = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-    hits.scatter_(1, top_k_index.long(), 1.0 / top_k_index.shape[1])
-    if mask is None: return hits.sum(0), torch.tensor(float(hits.shape[0]), device=hits.device)
-    mask = mask.to(hits.device, torch.float32)
-    return mask @ hits, mask.sum()
 
 # %% ../nbs/06a_baselines.ipynb #dd46803d
 def _num_experts(layers: list[MoELayer]) -> int:
@@ -51,28 +42,18 @@ def esft_scores(model: nn.Module, batches: Iterable[Mapping], criterion: str = "
     _check_criterion(criterion)
     layers = find_moe_layers(model)
     sums, counts = torch.zeros(len(layers), _num_experts(layers)), torch.zeros(len(layers))
-    current = {"mask": None}
-
-    def hook_for(layer: MoELayer):
-        def hook(module, args, output):
-            logits = output[0] if isinstance(output, tuple) else output
-            index = output[2] if isinstance(output, tuple) and len(output) > 2 else logits.topk(layer.top_k, -1).indices
-            s, n = routing_sums(logits, index, token_mask(current["mask"], logits.shape[0]), criterion)
-            sums[layer.index] += s.cpu(); counts[layer.index] += n.cpu()
-        return hook
-
-    hooks = [layer.router.register_forward_hook(hook_for(layer)) for layer in layers]
+    def add(layer: int, s: torch.Tensor, n) -> None: sums[layer] += s.cpu(); counts[layer] += torch.as_tensor(n).cpu()
+    collector = GateCollector(model, layers, add, training_only=False, importance=ESFT_READING[criterion])
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     try:
         for batch in batches:
             if "input_ids" not in batch:
                 raise EPnGError(f"an ESFT scoring batch needs 'input_ids' (and 'attention_mask' when padded); got {list(batch)}")
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if batch.get(k) is not None}
-            current["mask"] = inputs.get("attention_mask")
-            model(**inputs, use_cache=False)
+            model(**{k: batch[k].to(device) for k in ("input_ids", "attention_mask") if batch.get(k) is not None},
+                  use_cache=False)
     finally:
-        for h in hooks: h.remove()
+        collector.remove()
         model.train(was_training)
     if (counts == 0).any():
         raise EPnGError("ESFT scoring saw no real token (pass a non-empty iterable of batches whose attention_mask has ones).")

@@ -116,7 +116,7 @@ class EPnGHandle:
         self.model, self.layers, self.loras, self.config = model, layers, loras, config
         self.base_implementation, self.optimizer = base_implementation, None
         self.importance = ExpertImportance(len(layers), layers[0].num_experts, device=loras[0].ranks.device)
-        self.collector = GateCollector(model, layers, self.importance.add)
+        self.collector = GateCollector(model, layers, self.importance.add, importance=config.importance)
         self.budget = int(self.ranks.sum())
 
     def __repr__(self):
@@ -205,7 +205,8 @@ class EPnGHandle:
         "A copy of the model with every ΔW merged into the expert weights: plain transformers, no epng code needed."
         self.collector.remove()
         try: merged = copy.deepcopy(self.model)
-        finally: self.collector = GateCollector(self.model, self.layers, self.importance.add)
+        finally: self.collector = GateCollector(self.model, self.layers, self.importance.add,
+                                               importance=self.config.importance)
         layers = find_moe_layers(merged)
         for layer in layers: merge_expert_lora(layer)
         set_experts_implementation(merged, layers, self.base_implementation or "grouped_mm")

@@ -15,13 +15,13 @@ class NonFiniteStatisticsError(EPnGError):
     "Gate statistics turned NaN or infinite (usually a diverged model)."
 
 class ExpertImportance:
-    "Running sums S (layers × experts) and token counts N (per layer) of gate probabilities; `mean()` is eq. 6."
+    "Running sums S (layers × experts) and token counts N (per layer) of one router reading; `mean()` is eq. 6."
     def __init__(self, num_layers: int, num_experts: int, device=None):
         self.sums = torch.zeros(num_layers, num_experts, dtype=torch.float32, device=device)
         self.counts = torch.zeros(num_layers, dtype=torch.float32, device=device)
 
     def add(self, layer: int, probs_sum: torch.Tensor, count) -> None:
-        "Add one router call's probability sum (E,) and token count to `layer` (the `GateCollector` sink)."
+        "Add one router call's per-expert sum (E,) and token count to `layer` (the `GateCollector` sink)."
         self.sums[layer] += probs_sum.to(self.sums)
         self.counts[layer] += count.to(self.counts) if torch.is_tensor(count) else count
 

@@ -4,6 +4,7 @@
 
 # %% ../nbs/00_moe.ipynb #612f0143
 from __future__ import annotations
+import inspect
 from dataclasses import dataclass, field
 import torch
 from torch import nn
@@ -32,16 +33,33 @@ _TINY_SHAPES = {  # architecture-specific names for "routed experts", "expert wi
                       num_experts=8, num_experts_per_tok=2),
     "mixtral": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
     "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2),
+    # routers of other kinds (notebook 01): sigmoid + correction bias + expert groups; sigmoid + bias; √softplus and
+    # hash layers; routers whose (E, H) weight sits one level down
+    "deepseek_v3": dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                        n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16,
+                        q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    "minimax_m2": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16),
+    "deepseek_v4": dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, num_key_value_heads=1,
+                        head_dim=32, qk_rope_head_dim=8, q_lora_rank=16, o_lora_rank=16, o_groups=2, index_n_heads=2,
+                        index_head_dim=16, index_topk=8, hc_mult=2, mlp_layer_types=["hash_moe", "moe"],
+                        layer_types=["sliding_attention"] * 2),
+    "afmoe": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                  num_dense_layers=0, head_dim=16),
+    "hunyuan_v1_moe": dict(intermediate_size=32, num_experts=8, moe_topk=2, head_dim=16),
+    "gemma4_text": dict(intermediate_size=64, enable_moe_block=True, num_experts=8, top_k_experts=2,  # MoE in the layer
+                        moe_intermediate_size=32, head_dim=16, global_head_dim=16, hidden_size_per_layer_input=0,
+                        vocab_size_per_layer_input=256, layer_types=["sliding_attention", "full_attention"]),
 }
 
 def tiny_moe_config(arch: str = "olmoe", **overrides):
-    "A small config of a real MoE architecture (`olmoe`, `qwen2_moe`, `mixtral`, `qwen3_moe`) for CPU experiments."
+    """A small config of a real MoE architecture for CPU experiments: `olmoe`, `qwen2_moe`, `mixtral`, `qwen3_moe`, and
+    for routers of other kinds `deepseek_v3`, `minimax_m2`, `deepseek_v4`, `afmoe`, `hunyuan_v1_moe`, `gemma4_text`."""
     if arch not in _TINY_SHAPES:
         raise EPnGError(f"unknown architecture {arch!r}: choose one of {sorted(_TINY_SHAPES)}")
     kwargs = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                   max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                  tie_word_embeddings=False, **_TINY_SHAPES[arch])
-    kwargs.update(overrides)
+                  tie_word_embeddings=False)
+    kwargs.update(_TINY_SHAPES[arch]); kwargs.update(overrides)
     return CONFIG_MAPPING[arch](**kwargs)
 
 # %% ../nbs/00_moe.ipynb #3f8da048
@@ -58,6 +76,7 @@ class MoELayer:
     hidden_size: int
     intermediate_size: int
     shared_expert: nn.Module | None = field(default=None, repr=False)
+    routes_by_token: bool = False  # the router chooses experts from token ids (a hash layer), not from scores
 
     def target_shapes(self, targets) -> dict:
         "`{target: (in_features, out_features)}` of one expert's projections."
@@ -106,13 +125,36 @@ def check_expert_layout(experts: nn.Module, name: str):
             "epng adapts fused experts with gate_up_proj (E, 2I, H) and down_proj (E, H, I), no bias, on one device.")
 
 # %% ../nbs/00_moe.ipynb #3f666aaf
+def _has_weight(module: nn.Module, shape: tuple) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and tuple(weight.shape) == shape
+
 def _find_router(block: nn.Module, experts: nn.Module, num_experts: int, hidden: int, name: str):
-    for child_name, child in block.named_children():
-        weight = getattr(child, "weight", None)
-        if child is not experts and isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
-            return child
-    raise UnsupportedExpertsError(f"{name} has fused experts but no router child with a ({num_experts}, {hidden}) "
-                                  "weight: epng reads gate probabilities from that router.")
+    shape = (num_experts, hidden)
+    children = [(n, c) for n, c in block.named_children() if c is not experts]
+    own = [c for _, c in children if _has_weight(c, shape)]
+    nested = [(n, c) for n, c in children if "shared" not in n and any(_has_weight(m, shape) for m in c.modules())]
+    nested.sort(key=lambda nc: not any(w in nc[0] for w in ("router", "gate")))  # a decoder-layer block has attention too
+    if own or nested: return (own or [c for _, c in nested])[0]
+    raise UnsupportedExpertsError(f"{name} has fused experts but no child holding a ({num_experts}, {hidden}) router "
+                                  "weight, itself or in a part of its own: epng reads gate probabilities from that "
+                                  "router, so it cannot adapt a block whose router lives elsewhere.")
+
+def _routes_by_token(router: nn.Module) -> bool:
+    return "input_ids" in inspect.signature(router.forward).parameters
+
+def _top_k(router: nn.Module, config, name: str) -> int:
+    "Experts per token: the router's `top_k`, else the config's, under the names transformers configs use for it."
+    for owner, attr in [(router, "top_k"), *((config, a) for a in ("num_experts_per_tok", "top_k_experts", "moe_topk"))]:
+        k = getattr(owner, attr, None)
+        if isinstance(k, int) and k >= 1: return k
+    raise UnsupportedExpertsError(f"{name}: found no number of experts per token (router.top_k or the config's "
+                                  "num_experts_per_tok): epng needs it to read the router.")
+
+def _other_experts(model: nn.Module) -> list[str]:
+    "Modules that look like routed experts but are not fused (names mention experts; shared experts excluded)."
+    return [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+            if ("Experts" in type(m).__name__ or n.rpartition(".")[2] == "experts") and "shared" not in n.lower()]
 
 def _find_shared_expert(block: nn.Module):
     return next((m for n, m in block.named_children() if "shared" in n and not n.endswith("gate")), None)
@@ -131,9 +173,16 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
         block = model.get_submodule(block_name)
         num_experts, _, hidden = module.gate_up_proj.shape
         router = _find_router(block, module, num_experts, hidden, block_name)
-        top_k = getattr(router, "top_k", None) or module.config.num_experts_per_tok
+        top_k = _top_k(router, module.config, block_name)
         layers.append(MoELayer(len(layers), block_name, block, router, module, num_experts, top_k, hidden,
-                               module.down_proj.shape[2], _find_shared_expert(block)))
+                               module.down_proj.shape[2], _find_shared_expert(block), _routes_by_token(router)))
+    if not layers and _other_experts(model):
+        raise UnsupportedExpertsError(
+            f"{type(model).__name__} has experts, but not in transformers' fused-experts layout: "
+            f"{', '.join(_other_experts(model)[:3])}. epng adapts experts whose weights are stacked in gate_up_proj "
+            "(E, 2I, H) and down_proj (E, H, I) on a module decorated with use_experts_implementation; convert the "
+            "experts to that layout (as transformers 5 does for OLMoE, Qwen2-MoE, Mixtral, Qwen3-MoE) or adapt this "
+            "model with another method.")
     if not layers:
         raise NoMoELayerError(
             f"found no MoE layer in {type(model).__name__}: epng needs a transformers (>= 5) MoE whose experts use "

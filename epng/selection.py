@@ -9,13 +9,15 @@ from dataclasses import dataclass, field, asdict
 import torch
 import matplotlib.pyplot as plt
 from .moe import EPnGError, check_targets
-from .gates import label_expert_axes
+from .gates import IMPORTANCE, label_expert_axes
 
 # %% auto #0
-__all__ = ['EPnGConfig', 'ranked_experts', 'select_prune', 'growth_candidates', 'select_grow', 'BudgetError', 'deal_ranks',
-           'CyclePlan', 'plan_cycle', 'synthetic_importance', 'plot_plan', 'selection_explorer']
+__all__ = ['MAX_LORA_ALPHA', 'EPnGConfig', 'ranked_experts', 'select_prune', 'growth_candidates', 'select_grow', 'BudgetError',
+           'deal_ranks', 'CyclePlan', 'plan_cycle', 'synthetic_importance', 'plot_plan', 'selection_explorer']
 
 # %% ../nbs/03_selection.ipynb #92f8e0a0
+MAX_LORA_ALPHA = 1e4  # LoRA's alpha is a small multiple of the rank; past this the scaled factors overflow bf16
+
 @dataclass
 class EPnGConfig:
     "Settings of expert LoRA and the prune-and-grow schedule (paper defaults)."
@@ -28,21 +30,29 @@ class EPnGConfig:
     decay: float = 0.2                           # λ: statistics decay after each cycle
     lora_alpha: float = 16                       # LoRA scaling is lora_alpha / rank, fixed
     max_rank: int | None = None                  # optional cap on one expert's rank
+    importance: str = "gate"                     # how p̄ reads the router (notebook 01): 'gate', 'selection', 'weight'
 
     def __post_init__(self):
         self.targets = check_targets(self.targets)
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)   # True is an int to Python, not a rank
+        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         checks = [
-            (isinstance(self.rank, int) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}"),
-            (0 < self.alpha < 1, f"alpha (pruning ratio) must lie in (0, 1), got {self.alpha}"),
-            (0 < self.beta < 1, f"beta (growth ratio) must lie in (0, 1), got {self.beta}"),
-            (self.alpha + self.beta <= 1, f"alpha + beta must be <= 1 so pruned and grown experts cannot overlap, "
-                                          f"got {self.alpha} + {self.beta}"),
-            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (self.interval >= 1, f"interval must be >= 1 step, got {self.interval}"),
-            (0 <= self.decay <= 1, f"decay (λ) must lie in [0, 1], got {self.decay}"),
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
-            (self.max_rank is None or self.max_rank >= self.rank,
-             f"max_rank must be None or >= rank ({self.rank}), got {self.max_rank}"),
+            (whole(self.rank) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}"),
+            (real(self.alpha) and 0 < self.alpha < 1, f"alpha (pruning ratio) must lie in (0, 1), got {self.alpha!r}"),
+            (real(self.beta) and 0 < self.beta < 1, f"beta (growth ratio) must lie in (0, 1), got {self.beta!r}"),
+            (not (real(self.alpha) and real(self.beta)) or self.alpha + self.beta <= 1,
+             f"alpha + beta must be <= 1 so pruned and grown experts cannot overlap, got {self.alpha} + {self.beta}"),
+            (whole(self.warmup_steps) and self.warmup_steps >= 0,
+             f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}"),
+            (whole(self.interval) and self.interval >= 1, f"interval must be an integer >= 1 step, got {self.interval!r}"),
+            (real(self.decay) and 0 <= self.decay <= 1, f"decay (λ) must lie in [0, 1], got {self.decay!r}"),
+            (real(self.lora_alpha) and 0 < self.lora_alpha <= MAX_LORA_ALPHA,
+             f"lora_alpha must be a number in (0, {MAX_LORA_ALPHA:g}], got {self.lora_alpha!r}"),
+            (self.max_rank is None or whole(self.max_rank) and whole(self.rank) and self.max_rank >= self.rank,
+             f"max_rank must be None or an integer >= rank ({self.rank!r}), got {self.max_rank!r}"),
+            (isinstance(self.importance, str) and self.importance in IMPORTANCE,
+             f"importance must be one of {IMPORTANCE} ('gate': the router's probabilities, the paper's; 'selection': "
+             f"how often an expert is chosen; 'weight': the routing weight it gets), got {self.importance!r}"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems: raise EPnGError("invalid EPnGConfig: " + "; ".join(problems))
