@@ -4,45 +4,58 @@
 
 # %% ../nbs/09_cli.ipynb #ee3b8e7a
 from __future__ import annotations
-import argparse, dataclasses, typing
-import torch
-from .moe import EPnGError
-from .loop import METHODS, LORA_METHODS
-from .train import TrainArgs, train
-from .nano import pretrain_nano, nano_model_path
+import argparse, ast, dataclasses, inspect, io, sys, textwrap, tokenize, typing
+from .settings import CHOICES, PRESETS, TrainArgs
 
 # %% auto #0
-__all__ = ['rank_table', 'add_train_options', 'report', 'add_pretrain_options', 'pretrain_command', 'main']
+__all__ = ['TRAIN_DESCRIPTION', 'rank_table', 'field_comments', 'option_help', 'add_train_options', 'report',
+           'add_pretrain_options', 'pretrain_command', 'make_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #3368e088
-def rank_table(ranks: torch.Tensor) -> str:
+def rank_table(ranks) -> str:
     "Ranks as a text table: one row per MoE layer, one column per expert."
     header = "layer | " + " ".join(f"{e:>3d}" for e in range(ranks.shape[1]))
     rows = [f"{l:>5d} | " + " ".join(f"{r:>3d}" for r in row) for l, row in enumerate(ranks.tolist())]
     return "\n".join([header, "-" * len(header), *rows])
 
 # %% ../nbs/09_cli.ipynb #2d8f49d5
-_HELP = {"model": "hub id, local folder, or 'embedded' (the nano OLMoE, offline)",
-         "dataset": "metamathqa, codealpaca, a .json/.jsonl file, or 'embedded'",
-         "method": f"one of {', '.join(METHODS)}", "resume": "a checkpoint folder, or 'latest' in --output-dir",
-         "batch_size": "per process and micro-batch", "grad_accum": "micro-batches per optimizer step"}
+def field_comments(cls) -> dict[str, str]:
+    "Each field's trailing `# comment` in the source of the dataclass `cls`: where a setting is described, once."
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    return {node.target.id: comments[node.lineno] for node in ast.parse(source).body[0].body
+            if isinstance(node, ast.AnnAssign) and node.lineno in comments}
+
+TRAIN_DESCRIPTION = (
+    "Fine-tune an MoE with Expert Prune-and-Grow (EPnG) or a baseline. With no option: the embedded default, the nano "
+    "OLMoE shipped with epng on the nano task (offline, about a minute on a CPU). Options shown with 'preset' take "
+    "their value from a preset unless given: 'embedded' when the model is the nano OLMoE ('embedded', or a folder "
+    "holding a model of its shape), 'paper' (the paper's appendix A.3) for any other model; a run prints the preset it "
+    "took. The paper's symbols: α is --alpha, β --beta, λ --decay, T_w --warmup-steps, T_p --interval.")
+
+def option_help(field: dataclasses.Field, comment: str) -> str:
+    "An option's help: the field's comment, then both presets' values or the default."
+    def shown(v): return f"{v:g}" if isinstance(v, float) else " ".join(v) if isinstance(v, tuple) else str(v)
+    if field.name in PRESETS["paper"]:
+        return f"{comment} (preset: " + " / ".join(f"{p} {shown(v[field.name])}" for p, v in PRESETS.items()) + ")"
+    return comment if field.default is None else f"{comment} (default: {shown(field.default)})"
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    "One option per `TrainArgs` field, typed from its annotation; unset options keep the preset's value."
-    hints = typing.get_type_hints(TrainArgs)
+    "One option per `TrainArgs` field, typed from its annotation; an option not given is left to `TrainArgs`."
+    hints, comments = typing.get_type_hints(TrainArgs), field_comments(TrainArgs)
     for f in dataclasses.fields(TrainArgs):
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         kind = next((t for t in (bool, int, float, str, tuple) if t is hint or t in typing.get_args(hint)), str)
-        help_ = _HELP.get(f.name, "") + (f" (default: {f.default})" if f.default is not None else " (default: preset)")
-        if kind is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        elif kind is tuple: parser.add_argument(flag, nargs="+", default=f.default, help=help_)
-        else: parser.add_argument(flag, type=kind, default=f.default, help=help_,
-                                  choices=METHODS if f.name == "method" else None)
+        common = dict(default=argparse.SUPPRESS, help=option_help(f, comments[f.name]))
+        if kind is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif kind is tuple: parser.add_argument(flag, nargs="+", choices=CHOICES.get(f.name), **common)
+        else: parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), **common)
 
 def report(result: dict) -> str:
     "What a person wants to read at the end of a run."
     args, lines = result["args"], []
-    if args.method in LORA_METHODS:
+    if result["controller"] is not None:                 # the LoRA methods: their ranks
         lines += [f"final ranks ({result['tuner'].ranks.shape[0]} MoE layers × {result['tuner'].ranks.shape[1]} experts):",
                   rank_table(result["tuner"].ranks)]
     lines.append(f"{args.method}: {result['share']:.3%} of the parameters trained; loss "
@@ -60,6 +73,9 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
 
 def pretrain_command(options: dict) -> str:
     "Run `pretrain_nano` as `epng pretrain-nano` asks; returns the summary to print."
+    import torch
+    from epng.moe import EPnGError
+    from epng.nano import pretrain_nano, nano_model_path
     if options["steps"] < 1 or options["threads"] < 1: raise EPnGError("--steps and --threads must be at least 1.")
     torch.set_num_threads(options["threads"])
     out = options["output_dir"] or nano_model_path()
@@ -67,17 +83,29 @@ def pretrain_command(options: dict) -> str:
     return (f"nano model saved in {out}: {record['steps']} steps, seed {record['seed']}, loss "
             f"{record['losses'][0]:.3f} → {record['losses'][-1]:.3f}, {record['wall_s']:.0f} s")
 
-def main(argv: list[str] | None = None) -> None:
-    "Entry point of the `epng` command."
+def make_parser() -> argparse.ArgumentParser:
+    "The `epng` command's parser, with its two subcommands."
     parser = argparse.ArgumentParser(prog="epng", description="Expert Prune-and-Grow for MoE LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_train_options(commands.add_parser("train", help="fine-tune an MoE (no options: the embedded default, offline)"))
+    add_train_options(commands.add_parser("train", help="fine-tune an MoE (no options: the embedded default, offline)",
+                                          description=TRAIN_DESCRIPTION))
     add_pretrain_options(commands.add_parser("pretrain-nano", help="regenerate the nano model (notebook 05b), about 30 min"))
+    return parser
+
+def main(argv: list[str] | None = None) -> None:
+    "Entry point of the `epng` command."
+    parser = make_parser()
     options = vars(parser.parse_args(argv))
     command = options.pop("command")
+    from epng.moe import EPnGError              # torch and transformers load from here on, for a command that runs
+    from epng.train import RunInterrupted, train
     try:
         if command == "pretrain-nano": print(pretrain_command(options)); return
         result = train(TrainArgs(**options))
+    except RunInterrupted as e:                 # one line, no traceback: what was saved and how to continue
+        if e.rank == 0: print(f"epng train: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt: parser.exit(130, f"epng {command}: interrupted; nothing saved after the last checkpoint.\n")
     except EPnGError as e: parser.exit(2, f"epng {command}: error: {e}\n")
     if result["rank"] == 0: print(report(result))
 

@@ -4,8 +4,8 @@
 
 # %% ../nbs/06c_train.ipynb #fb1a8b88
 from __future__ import annotations
-import contextlib, json, os, random
-from dataclasses import dataclass, asdict, fields
+import contextlib, dataclasses, datetime, itertools, json, math, os, random, shlex, shutil, signal, sys, tempfile
+import threading, warnings
 from pathlib import Path
 import torch
 from torch import nn
@@ -13,103 +13,68 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 import matplotlib
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from .settings import EMBEDDED, PRESETS, TrainArgs, preset_for
 from .moe import EPnGError
 from .gates import plot_expert_heatmap
-from .selection import EPnGConfig
+from .selection import BudgetError, plan_cycle
 from .growth import attach
 from .data import load_rows, SFTDataset, StepBatchSampler, collate
 from .nano import load_nano, nano_task
-from .loop import LORA_METHODS, check_method, EPnGController, average_over_processes, plot_cycle_history, plot_losses
+from .loop import LORA_METHODS, EPnGController, average_over_processes, plot_cycle_history, plot_losses
+from .loop import cycle_steps, save_state, load_state, check_controller_state, OLD_FORMAT_HINT
 from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning, base_parameter_count
-from .checkpoint import atomic_dir, atomic_write_json, save_adapter, load_adapter_into
+from .checkpoint import (atomic_dir, atomic_write_json, save_adapter, read_adapter, load_adapter_into,
+                             remove_stale_temporaries, write_safetensors, is_stale_temporary)
 
 # %% auto #0
-__all__ = ['PRESETS', 'EMBEDDED', 'EMBEDDED_ROWS', 'RESUMABLE_DIFFERENCES', 'TrainArgs', 'load_model_and_tokenizer',
-           'embedded_rows', 'make_tuner', 'method_share', 'init_processes', 'average_gradients', 'shared_statistics',
-           'checkpoint_dir', 'latest_checkpoint', 'save_checkpoint', 'check_resumable', 'load_checkpoint',
-           'make_optimizer', 'step_batches', 'to_device', 'train', 'save_run']
-
-# %% ../nbs/06c_train.ipynb #6239aa07
-PRESETS = {
-    "paper": dict(max_steps=500, batch_size=32, lr=1e-4, warmup_steps=100, interval=50, max_length=1024, bf16=True),
-    "embedded": dict(max_steps=120, batch_size=8, lr=3e-3, warmup_steps=30, interval=15, max_length=256, bf16=False),
-}
-EMBEDDED = "embedded"
-EMBEDDED_ROWS = 2000   # nano-task training problems behind dataset='embedded'
-
-@dataclass
-class TrainArgs:
-    "Settings of one run; `None` takes the preset's value (`paper`, or `embedded` for the embedded model)."
-    model: str = EMBEDDED                # hub id, local folder, or 'embedded'
-    dataset: str = EMBEDDED              # 'metamathqa', 'codealpaca', a .json/.jsonl path, or 'embedded'
-    dataset_format: str | None = None    # schema of a local file; detected from its fields when None
-    method: str = "epng"                 # static, prune_only, grow_only, epng, esft, fft
-    max_steps: int | None = None
-    batch_size: int | None = None        # per process and micro-batch
-    grad_accum: int = 1
-    lr: float | None = None
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    rank: int = 8
-    targets: tuple = ("gate_proj", "up_proj")
-    alpha: float = 0.2
-    beta: float = 0.2
-    warmup_steps: int | None = None
-    interval: int | None = None
-    decay: float = 0.2
-    lora_alpha: float = 16
-    max_rank: int | None = None
-    esft_criterion: str = "token"        # ESFT's expert score: 'token' (selection ratio) or 'gate'
-    esft_top_p: float | None = None      # share of each layer's score to cover; ESFT's own (0.2 token, 0.1 gate) when None
-    esft_batches: int = 8
-    max_length: int | None = None
-    limit: int | None = None             # use only this many rows
-    bf16: bool | None = None
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    output_dir: str = "outputs/epng-run"
-    save_steps: int = 0                  # a checkpoint every n steps (0: only at the end)
-    resume: str | None = None            # a checkpoint folder, or 'latest' in output_dir
-
-    def resolved(self) -> "TrainArgs":
-        "A copy with the preset's values filled in and every setting checked."
-        preset = PRESETS[EMBEDDED if self.model == EMBEDDED else "paper"]
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update({k: v for k, v in preset.items() if values[k] is None})
-        values["targets"] = tuple(values["targets"])
-        args = TrainArgs(**values)
-        args.check()
-        return args
-
-    def check(self) -> None:
-        check_method(self.method)
-        problems = [msg for bad, msg in [
-            (self.max_steps < 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.batch_size < 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.grad_accum < 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (not self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.save_steps < 0, f"save_steps must be >= 0, got {self.save_steps}"),
-        ] if bad]
-        if problems: raise EPnGError("invalid training settings: " + "; ".join(problems))
-        self.epng_config()  # validates rank, α, β, schedule, targets
-
-    def epng_config(self) -> EPnGConfig:
-        return EPnGConfig(rank=self.rank, targets=self.targets, alpha=self.alpha, beta=self.beta,
-                          warmup_steps=self.warmup_steps, interval=self.interval, decay=self.decay,
-                          lora_alpha=self.lora_alpha, max_rank=self.max_rank)
-
-    def to_dict(self) -> dict: return {**asdict(self), "targets": list(self.targets)}
+__all__ = ['EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMABLE_DIFFERENCES', 'TRAINER_STATE',
+           'OLD_TRAINER_STATE', 'TUNER_STATE', 'BUDGET_METHODS', 'IMPLEMENTATION_FLAGS', 'RUN_FILES',
+           'check_model_files', 'load_model_and_tokenizer', 'embedded_rows', 'make_tuner', 'method_share',
+           'init_processes', 'bounded_wait', 'average_gradients', 'shared_statistics', 'DamagedCheckpointError',
+           'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint', 'nonfinite',
+           'nonfinite_state', 'save_checkpoint', 'flatten_tuner', 'check_resumable', 'inspect_checkpoint',
+           'resume_candidates', 'check_optimizer_state', 'apply_changes', 'load_checkpoint', 'make_optimizer',
+           'step_batches', 'to_device', 'default_output_dir', 'claim_new_folder', 'previous_run', 'run_folder',
+           'RunInterrupted', 'StopSignals', 'resume_command', 'check_output_dir', 'check_cycles_fit',
+           'enable_checkpointing', 'preset_line', 'train', 'save_run']
 
 # %% ../nbs/06c_train.ipynb #9a9413dd
+def check_model_files(folder) -> None:
+    "Raise `EPnGError` naming the first unreadable file of a local model folder: bad JSON or encoding, broken safetensors."
+    folder = Path(folder)
+    for f in sorted(folder.glob("*.json")):
+        try: json.loads(f.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise EPnGError(f"{f} is not UTF-8 text (byte {e.start}: {e.reason}; UTF-16 or another encoding?): "
+                            "save it as UTF-8.") from None
+        except ValueError as e: raise EPnGError(f"{f} is not valid JSON ({e}): repair or download it again.") from None
+        except RecursionError:                     # nested deeper than json can parse: no model writes that
+            raise EPnGError(f"{f} nests its JSON deeper than Python can parse: it is not a model's file; repair or "
+                            "download it again.") from None
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt") as st: st.keys()
+        except (SafetensorError, OSError) as e:
+            what = "empty" if f.stat().st_size == 0 else f"{f.stat().st_size:,} bytes and unreadable"
+            raise EPnGError(f"{f} is {what} ({e}): it is truncated or damaged; download or save it again.") from None
+
 def load_model_and_tokenizer(name: str, bf16: bool = False, device=None):
     "`(model, tokenizer)` from a hub id or a local folder (`from_pretrained`), or the embedded nano model."
     dtype = torch.bfloat16 if bf16 else torch.float32
     if name == EMBEDDED: model, tokenizer = load_nano(dtype=dtype)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        if Path(name).is_dir(): check_model_files(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        except (OSError, ValueError, SafetensorError) as e:   # the hub's cache can hold broken files too
+            raise EPnGError(f"cannot load the model {name!r}: {type(e).__name__}: {e}") from e
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     return model.to(device or "cpu"), tokenizer
+
+EMBEDDED_ROWS = 2000   # nano-task training problems behind dataset='embedded'
 
 def embedded_rows(limit: int | None = None, seed: int = 0) -> list:
     "The embedded default's training data: nano-task problems with worked answers (MetaMathQA's schema)."
@@ -133,15 +98,27 @@ def method_share(tuner, model: nn.Module) -> float:
     return tuner.num_trainable() / base_parameter_count(model)
 
 # %% ../nbs/06c_train.ipynb #cfc3aefd
-def init_processes() -> tuple[int, int, torch.device]:
-    "`(rank, world_size, device)`; joins the process group when launched with several processes."
+def init_processes(timeout: float = 300.0) -> tuple[int, int, torch.device]:
+    "`(rank, world_size, device)`; with several processes, joins the group (collectives wait at most `timeout` s)."
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         if cuda: torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        with bounded_wait(timeout, world):
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     return (dist.get_rank(), dist.get_world_size(), device) if world > 1 else (0, 1, device)
+
+@contextlib.contextmanager
+def bounded_wait(timeout: float, world: int):
+    "Turn a collective that ran out of time into an `EPnGError` that says which setting bounded the wait."
+    try: yield
+    except (RuntimeError, dist.DistError) as e:
+        if world == 1 or not any(w in str(e).lower() for w in ("timeout", "timed out")): raise
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+        raise EPnGError(f"process {rank}: the other processes did not answer within dist_timeout={timeout:g} s: one of "
+                        "them hung, stopped or died (see its own output). Resume from the last checkpoint; raise "
+                        "--dist-timeout if a step legitimately takes longer.") from e
 
 def average_gradients(parameters, world: int) -> None:
     "Average the gradients of `parameters` over all processes (one flat all-reduce)."
@@ -166,49 +143,249 @@ def shared_statistics(tuner):
     finally: imp.sums.copy_(own[0]); imp.counts.copy_(own[1])
 
 # %% ../nbs/06c_train.ipynb #51f9613d
-RESUMABLE_DIFFERENCES = {"output_dir", "resume", "save_steps"}
+OPTIMIZER_SETTINGS = ("lr", "max_grad_norm", "weight_decay")                   # may change on resume, recorded
+RUN_PLACE_SETTINGS = ("output_dir", "overwrite", "resume", "save_steps", "dist_timeout")  # may change freely
+RESUMABLE_DIFFERENCES = set(OPTIMIZER_SETTINGS + RUN_PLACE_SETTINGS)
+TRAINER_STATE, OLD_TRAINER_STATE, TUNER_STATE = "trainer", "trainer.pt", "tuner.safetensors"
+
+class DamagedCheckpointError(EPnGError):
+    "A checkpoint folder that cannot be resumed from: incomplete, damaged, non-finite, or from an older epng."
 
 def checkpoint_dir(output_dir, step: int) -> Path: return Path(output_dir) / f"checkpoint-{step}"
 
-def latest_checkpoint(output_dir) -> Path | None:
-    "The newest complete checkpoint folder in `output_dir`, or None."
-    found = [(int(p.name.split("-")[1]), p) for p in Path(output_dir).glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer.pt").exists()]
-    return max(found)[1] if found else None
+def checkpoint_number(path) -> int | None:
+    "The N of a `checkpoint-N` name, else None."
+    name = Path(path).name
+    return int(name[11:]) if name.startswith("checkpoint-") and name[11:].isdigit() and name[11:].isascii() else None
 
-def save_checkpoint(folder, args: TrainArgs, step: int, tuner, optimizer, scheduler, controller, losses: list) -> Path:
-    "Write everything a resumed run needs into `folder`, atomically."
+def checkpoint_folders(output_dir) -> list[Path]:
+    "The `checkpoint-N` folders in `output_dir`, newest (largest N) first; a link is no run's checkpoint and is left out."
+    found = [(n, p) for p in Path(output_dir).glob("checkpoint-*")
+             if (n := checkpoint_number(p)) is not None and p.is_dir() and not p.is_symlink()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+def latest_checkpoint(output_dir) -> Path | None:
+    "The newest checkpoint folder in `output_dir` that has every file (not yet validated), or None."
+    return next((p for p in checkpoint_folders(output_dir) if (p / f"{TRAINER_STATE}.json").exists()), None)
+
+def nonfinite(tensors, what: str) -> str | None:
+    "A description of the first floating tensor in `tensors` ({name: tensor}) that holds NaN or inf, else None."
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return f"{what} {name} holds {int((~torch.isfinite(t)).sum())} non-finite values"
+    return None
+
+def nonfinite_state(tuner, optimizer) -> str | None:
+    "What is not finite in the factors, the optimizer's moments or the importance statistics, else None."
+    params = {f"parameter {i} ({tuple(p.shape)})": p.detach() for i, p in enumerate(tuner.parameters())}
+    moments = {f"{k} of parameter {i}": v for i, p in enumerate(tuner.parameters())
+               for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
+    imp = getattr(tuner, "importance", None)
+    stats = {} if imp is None else {"sums": imp.sums, "counts": imp.counts}
+    return nonfinite(params, "the trainable") or nonfinite(moments, "the optimizer's") or nonfinite(stats, "the importance")
+
+def save_checkpoint(folder, args: TrainArgs, step: int, tuner, optimizer, scheduler, controller, losses: list,
+                    changes: list | None = None) -> Path:
+    "Write everything a resumed run needs into `folder`, atomically; refuses to write a state that is not finite."
+    if problem := nonfinite_state(tuner, optimizer):
+        raise EPnGError(f"{folder} was not written: at step {step} {problem}.")
     with atomic_dir(folder) as tmp:
         if args.method in LORA_METHODS: save_adapter(tuner, tmp / "adapter")
-        else: torch.save(tuner.state_dict(), tmp / "tuner.pt")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        else: write_safetensors(flatten_tuner(tuner.state_dict()), tmp / TUNER_STATE)
+        save_state({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "controller": controller.state_dict() if controller else None, "losses": losses,
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, tmp / "trainer.pt")
+                    "changes": changes or [], "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
+                   tmp, TRAINER_STATE)
         (tmp / "args.json").write_text(json.dumps(args.to_dict(), indent=1))
     return Path(folder)
 
-def check_resumable(saved: dict, args: TrainArgs) -> None:
-    "Refuse to resume a checkpoint written with other settings."
+def flatten_tuner(state: dict) -> dict:
+    "A tuner's tensors for safetensors: contiguous, and tied weights (shared storage) as separate copies."
+    out, seen = {}, set()
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        if t.data_ptr() in seen and t.numel(): t = t.clone()
+        seen.add(t.data_ptr()); out[k] = t
+    return out
+
+def check_resumable(saved: dict, args: TrainArgs) -> dict:
+    "Refuse to resume a checkpoint written with other settings; returns the changed optimizer settings `{k: (old, new)}`."
     now = args.to_dict()
     diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now[k]}
     if diff:
         raise EPnGError("cannot resume: this checkpoint was written with other settings (saved → now): " +
                         ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items()) +
-                        ". Resume with the saved settings, or start a new run in another output_dir.")
+                        ". Resume with the saved settings, or start a new run in another output_dir. (Only "
+                        f"{', '.join(OPTIMIZER_SETTINGS)} may change on resume.)")
+    return {k: (saved.get(k), now[k]) for k in OPTIMIZER_SETTINGS if saved.get(k) != now[k]}
 
-def load_checkpoint(folder, args: TrainArgs, tuner, optimizer, scheduler, controller) -> tuple[int, list]:
-    "Restore a run from `folder` into freshly built objects; returns `(step, losses)`."
+# %% ../nbs/06c_train.ipynb #f7af73c2
+BUDGET_METHODS = ("static", "epng")   # the methods whose rank sum is the budget after every step
+
+def inspect_checkpoint(folder, args: TrainArgs) -> dict:
+    """Read and validate everything in the checkpoint `folder` that needs no model: `{folder, state, changes, tuner}`.
+    Raises `DamagedCheckpointError` for a broken or old-format folder, `EPnGError` for settings that differ."""
     folder = Path(folder)
-    if not (folder / "trainer.pt").exists():
-        raise EPnGError(f"{folder} is not a complete epng checkpoint (no trainer.pt): give a checkpoint-N folder.")
-    check_resumable(json.loads((folder / "args.json").read_text()), args)
+    def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
+    if not folder.is_dir(): raise EPnGError(f"{folder} is not a folder: give a checkpoint-N folder, or 'latest'.")
+    if (folder / OLD_TRAINER_STATE).exists() and not (folder / f"{TRAINER_STATE}.json").exists():
+        damaged(f"{OLD_TRAINER_STATE} is not loaded: {OLD_FORMAT_HINT}")
+    lora = args.method in LORA_METHODS
+    def complete(needed):
+        if missing := [n for n in needed if not (folder / n).exists()]:
+            raise DamagedCheckpointError(f"{folder} is not a complete epng checkpoint (no {', '.join(missing)}): give "
+                                         "a checkpoint-N folder that a run wrote.")
+    complete(["args.json"])
+    if (folder / "args.json").stat().st_size > 2**20: damaged("args.json is larger than any run's settings")
+    try: saved = json.loads((folder / "args.json").read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e: damaged(f"args.json is not JSON ({e})")
+    except RecursionError: damaged("args.json nests deeper than any run's settings")
+    if not isinstance(saved, dict): damaged("args.json does not hold the run's settings")
+    try: changes = check_resumable(saved, args)            # settings first: they say which files the run wrote
+    except EPnGError as e: raise EPnGError(f"{folder}: {e}") from None
+    try: dataclasses.replace(args, **{k: old for k, (old, _) in changes.items()}).check()   # the saved lr, … too
+    except EPnGError as e: damaged(f"args.json: {e}")
+    complete([f"{TRAINER_STATE}.json", f"{TRAINER_STATE}.safetensors", "adapter" if lora else TUNER_STATE])
+    try: state = load_state(folder, TRAINER_STATE)
+    except EPnGError as e: damaged(str(e))
+    keys = {"step", "optimizer", "scheduler", "controller", "losses", "changes", "rng"}
+    if (not isinstance(state, dict) or set(state) != keys or not isinstance(state["optimizer"], dict)
+            or not isinstance(state["optimizer"].get("state"), dict) or not isinstance(state["changes"], list)):
+        damaged(f"{TRAINER_STATE}.json does not hold a trainer state")
+    step, losses = state["step"], state["losses"]
+    if not (isinstance(step, int) and 0 < step <= args.max_steps and isinstance(losses, list) and len(losses) == step
+            and all(isinstance(l, (int, float)) and math.isfinite(l) for l in losses)):
+        damaged(f"its step ({step!r}) and losses do not describe that many finished steps of this run")
+    if (n := checkpoint_number(folder)) is not None and n != step:   # a copy renamed to look newer
+        damaged(f"it holds the state after step {step}, not {n}: it is not the checkpoint its name says")
+    rng = state["rng"]
+    try:                                                   # on scratch generators: nothing changes here
+        if not (isinstance(rng, dict) and set(rng) == {"torch", "python"}): raise TypeError
+        random.Random().setstate(rng["python"]); torch.Generator().set_state(rng["torch"])
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        damaged(f"the random states in {TRAINER_STATE}.json/.safetensors are not torch's and python's")
+    if (state["controller"] is None) == lora: damaged("its controller state does not fit the method")
+    moments = {f"{k} of parameter {i}": v for i, st in state["optimizer"]["state"].items()
+               if isinstance(st, dict) for k, v in st.items() if torch.is_tensor(v)}
+    if problem := nonfinite(moments, "the optimizer's"): damaged(problem)
+    try: adapter, tensors = read_adapter(folder / "adapter") if lora else ({}, load_file(folder / TUNER_STATE))
+    except (EPnGError, SafetensorError, OSError, ValueError, KeyError) as e:
+        damaged(f"its {'adapter' if lora else TUNER_STATE} cannot be read ({type(e).__name__}: {e})")
+    if args.method in BUDGET_METHODS and (total := sum(map(sum, adapter["ranks"]))) != adapter["budget"]:
+        damaged(f"its adapter's ranks add up to {total}, but {args.method} keeps them at the budget {adapter['budget']}")
+    if problem := nonfinite(tensors, "the saved tensor"): damaged(problem)
+    return {"folder": folder, "state": state, "changes": changes, "tuner": None if lora else tensors}
+
+def resume_candidates(args: TrainArgs):
+    """Inspected checkpoints to resume from: `args.resume` itself, or for 'latest' the intact ones of this run's settings,
+    newest first. If 'latest' finds none and some had other settings, that settings error is raised."""
+    if args.resume != "latest":
+        yield inspect_checkpoint(args.resume, args); return
+    other, found = None, False
+    for folder in checkpoint_folders(args.output_dir):
+        try: yield inspect_checkpoint(folder, args); found = True
+        except EPnGError as e:                  # damaged, or another run's settings (a planted or stray folder)
+            warnings.warn(f"resume='latest' skips {folder.name}: {e}")
+            if not isinstance(e, DamagedCheckpointError): other = other or e
+    if other and not found: raise other
+
+# %% ../nbs/06c_train.ipynb #20ee4ac6
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")   # how AdamW computes: this run's own
+
+def _same(saved, expected) -> bool:
+    "Is `saved` the value `expected`, of the same kind: numbers finite (and equal to rounding), a bool no number."
+    if isinstance(expected, (tuple, list)):
+        return type(saved) is type(expected) and len(saved) == len(expected) and all(map(_same, saved, expected))
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        return (isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+                and math.isclose(saved, expected, rel_tol=1e-12))
+    return type(saved) is type(expected) and saved == expected
+
+def _short(value) -> str: return (r := repr(value))[:60] + ("…" if len(r) > 60 else "")
+
+def check_optimizer_state(saved: dict, optimizer, scheduler_saved: dict, scheduler, step: int,
+                          changes: dict | None = None) -> None:
+    """Raise `DamagedCheckpointError` unless the saved optimizer and scheduler states are what this run's freshly built
+    ones would hold after `step` steps: every hyper-parameter of every group (with the checkpoint's own lr and
+    weight_decay where `changes` {setting: (saved, now)} changed them), moments of each parameter's shape and dtype,
+    step counts, the schedule's position and base learning rates."""
+    def damaged(msg): raise DamagedCheckpointError(msg)
+    fresh, params = optimizer.state_dict(), [p for g in optimizer.param_groups for p in g["params"]]
+    old = {k: v[0] for k, v in (changes or {}).items()}             # the settings the checkpoint was written with
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not (isinstance(saved, dict) and set(saved) == {"state", "param_groups"} and isinstance(groups, list)
+            and len(groups) == len(fresh["param_groups"]) and isinstance(saved["state"], dict)):
+        damaged("the saved optimizer state is not one AdamW over this run's parameters")
+    expected = []
+    for i, (g, f) in enumerate(zip(groups, fresh["param_groups"])):
+        lr = old.get("lr", f["initial_lr"])
+        want = {**f, "initial_lr": lr, "lr": lr * scheduler.lr_lambdas[i](step),
+                "weight_decay": old.get("weight_decay", f["weight_decay"])}
+        expected.append(want)
+        if not isinstance(g, dict) or set(g) != set(want) or g["params"] != want["params"]:
+            damaged(f"param group {i} does not hold this run's AdamW settings and parameters")
+        for k, v in want.items():
+            if k in IMPLEMENTATION_FLAGS:
+                if not (g[k] is None or isinstance(g[k], bool)): damaged(f"param group {i} has {k} {_short(g[k])}")
+            elif k != "params" and not _same(g[k], v):
+                damaged(f"param group {i} has {k} {_short(g[k])}, but this run's settings give {v!r} at step {step}")
+    if not set(saved["state"]) <= set(range(len(params))):
+        damaged("the saved optimizer state names parameters this run does not have")
+    for i, st in saved["state"].items():
+        if not (isinstance(st, dict) and set(st) == {"step", "exp_avg", "exp_avg_sq"}
+                and all(torch.is_tensor(v) for v in st.values())
+                and all(st[k].shape == params[i].shape and st[k].dtype == params[i].dtype for k in ("exp_avg", "exp_avg_sq"))):
+            damaged(f"the saved optimizer state of parameter {i} does not fit its shape {tuple(params[i].shape)}")
+        n = st["step"]            # a parameter without a gradient in some step (an unrouted expert) has taken fewer
+        if not (n.shape == () and n.is_floating_point() and math.isfinite(n) and n == int(n) and 0 < n <= step):
+            damaged(f"the step count of parameter {i} is {n.tolist()!r}, not a whole number of steps in 1…{step}")
+    want = {**scheduler.state_dict(), "base_lrs": [g["initial_lr"] for g in expected], "last_epoch": step,
+            "_step_count": step + 1, "_last_lr": [g["lr"] for g in expected]}
+    if "_is_initial" in want: want["_is_initial"] = False
+    if not isinstance(scheduler_saved, dict) or set(scheduler_saved) != set(want):
+        damaged("the saved scheduler state is not this run's learning-rate schedule")
+    for k, v in want.items():
+        if not _same(scheduler_saved[k], v):
+            damaged(f"the saved scheduler has {k} {_short(scheduler_saved[k])}, but this run gives {v!r} at step {step}")
+
+def apply_changes(changes: dict, args: TrainArgs, optimizer, scheduler) -> None:
+    "Put changed optimizer settings into a restored optimizer: a new lr restarts the schedule's factor from its position."
+    if "weight_decay" in changes:
+        for g in optimizer.param_groups: g["weight_decay"] = args.weight_decay
+    if "lr" in changes:
+        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for g in optimizer.param_groups: g["initial_lr"], g["lr"] = args.lr, args.lr * factor
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]   # what get_last_lr() reports
+
+def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, controller) -> tuple[int, list, list]:
+    """Restore a run into freshly built objects from `checkpoint` (a folder, or what `inspect_checkpoint` returned);
+    returns `(step, losses, changes)` with this resume's setting changes appended. `DamagedCheckpointError` names the
+    file and what does not fit."""
+    found = checkpoint if isinstance(checkpoint, dict) else inspect_checkpoint(checkpoint, args)
+    folder, state = found["folder"], found["state"]
+    where = folder / f"{TRAINER_STATE}.json"
+    if controller:                                          # before anything changes: the fresh handle's shapes
+        try: check_controller_state(state["controller"], tuner)
+        except EPnGError as e: raise DamagedCheckpointError(f"{where}: {e}") from None
     if args.method in LORA_METHODS: load_adapter_into(tuner, folder / "adapter")
-    else: tuner.load_state_dict(torch.load(folder / "tuner.pt", weights_only=True))
-    state = torch.load(folder / "trainer.pt", weights_only=False)
+    else:
+        try: tuner.load_state_dict(found["tuner"])
+        except (RuntimeError, KeyError) as e:
+            raise DamagedCheckpointError(f"{folder / TUNER_STATE} does not fit this model: {e}") from None
+    try: check_optimizer_state(state["optimizer"], optimizer, state["scheduler"], scheduler, state["step"],
+                               found["changes"])          # after the adapter: moments have the grown shapes
+    except DamagedCheckpointError as e: raise DamagedCheckpointError(f"{where}: {e}") from None
+    own = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"]); scheduler.load_state_dict(state["scheduler"])
+    for g, flags in zip(optimizer.param_groups, own): g.update(flags)   # fused on this device or not, as built
     if controller: controller.load_state_dict(state["controller"])
-    torch.set_rng_state(state["rng"]["torch"]); random.setstate(state["rng"]["python"])
-    return state["step"], state["losses"]
+    random.setstate(state["rng"]["python"]); torch.set_rng_state(state["rng"]["torch"])
+    changes = list(state["changes"])
+    if found["changes"]:
+        apply_changes(found["changes"], args, optimizer, scheduler)
+        changes.append({"step": state["step"] + 1, **{k: list(v) for k, v in found["changes"].items()}})
+    return state["step"], state["losses"], changes
 
 # %% ../nbs/06c_train.ipynb #4f2d1834
 def make_optimizer(tuner, args: TrainArgs, device: torch.device):
@@ -228,56 +405,224 @@ def step_batches(dataset: SFTDataset, args: TrainArgs, rank: int, world: int, st
 def to_device(batch: dict, device) -> dict: return {k: v.to(device) for k, v in batch.items()}
 
 # %% ../nbs/06c_train.ipynb #b8726a6a
+RUN_FILES = ("adapter", "figures", "metrics.json")   # what save_run writes besides the checkpoints
+
+def default_output_dir(method: str, now: datetime.datetime | None = None) -> Path:
+    "Where a run without `output_dir` writes: `outputs/<method>-<YYYYmmdd-HHMMSS>` of its start."
+    return Path("outputs") / f"{method}-{now or datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+def claim_new_folder(base: Path) -> Path:
+    "Make `base`, or `base-2`, `base-3`, … where `base` exists: a folder that this run alone writes to."
+    for n in itertools.count(1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try: folder.mkdir(parents=True); return folder
+        except FileExistsError: continue
+        except OSError as e:
+            raise EPnGError(f"cannot make the run's folder {folder} ({e.strerror or e}): run from a folder you can "
+                            "write to, or give --output-dir.") from e
+
+def previous_run(out: Path) -> list[Path]:
+    "What a run wrote into `out`: its checkpoints, adapter, figures and metrics — and links that took those names."
+    return ([p for p in out.glob("checkpoint-*") if checkpoint_number(p) is not None]
+            + [out / n for n in RUN_FILES if os.path.lexists(out / n)])
+
+def run_folder(args: TrainArgs, rank: int, world: int, device) -> TrainArgs:
+    "`args` with the run's folder chosen (a new one when `output_dir` is None) and checked, before anything loads."
+    if args.output_dir is None:
+        name = [str(claim_new_folder(default_output_dir(args.method))) if rank == 0 else None]
+        if world > 1: dist.broadcast_object_list(name, src=0, device=device)
+        return dataclasses.replace(args, output_dir=name[0])
+    out = Path(args.output_dir)
+    if rank > 0 or args.resume or not out.is_dir(): return args
+    held = sorted(p.name for p in out.iterdir()                 # a killed write's temporary holds no run's files
+                  if not (is_stale_temporary(p.name) and p.name.rpartition(".")[2].startswith("tmp-")))
+    if held and not args.overwrite:
+        raise EPnGError(f"output_dir {out} is not empty ({', '.join(held[:4])}{', …' if len(held) > 4 else ''}): give "
+                        "a new folder (or none: each run then gets its own under outputs/), --resume latest to continue "
+                        "the run in it, or --overwrite to delete the previous run's files there.")
+    remove_stale_temporaries(out)                               # first: it may restore a checkpoint a swap left aside
+    for p in previous_run(out):                                 # a link goes, never what it points to
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return args
+
+# %% ../nbs/06c_train.ipynb #61c7822c
+class RunInterrupted(EPnGError):
+    "A run stopped by SIGINT or SIGTERM after saving a checkpoint; the message says how to continue it."
+    def __init__(self, message: str, signum: int, checkpoint: Path, rank: int = 0):
+        super().__init__(message)
+        self.signum, self.checkpoint, self.rank = signum, checkpoint, rank
+
+class StopSignals:
+    "While entered, SIGINT and SIGTERM ask the run to stop after its current step; a second signal acts as before."
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    def __init__(self): self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items(): signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self.previous = {}
+
+    def handle(self, signum, frame):
+        if self.signum is not None:                      # asked twice: the previous handler, now
+            self.__exit__(); signal.raise_signal(signum); return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (send it again to stop at "
+              "once, without one)", file=sys.stderr, flush=True)
+
+    def requested(self, world: int, device) -> int | None:
+        "The signal that asked any process to stop, else None; with several processes, all must ask at each step."
+        if world == 1: return self.signum
+        flag = torch.tensor(self.signum or 0, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag) or None       # a process that got none still takes its first signal as the first
+
+def resume_command(given: TrainArgs, output_dir) -> str:
+    "The `epng train` command that continues a run of the settings `given` from the newest checkpoint in `output_dir`."
+    words = ["epng", "train"]
+    for f in dataclasses.fields(TrainArgs):
+        value = getattr(given, f.name)
+        if f.name in ("output_dir", "resume", "overwrite") or value == f.default: continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool): words.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (tuple, list)): words += [flag, *map(str, value)]
+        else: words += [flag, str(value)]
+    return shlex.join(words + ["--output-dir", str(output_dir), "--resume", "latest"])
+
+# %% ../nbs/06c_train.ipynb #0beed338
+def check_output_dir(out) -> None:
+    "Write a file into `out` (making it for the test), so that an unusable output folder fails before training starts."
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EPnGError(f"output_dir {out} is a file: choose a folder (or move the file away).")
+    made = [p for p in [out, *out.parents] if not p.exists()]     # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".epng-write-check-", dir=out)
+        os.close(fd); os.remove(probe)
+        for p in made: p.rmdir()                                  # a run that fails later leaves no empty folders
+    except OSError as e:
+        raise EPnGError(f"output_dir {out} cannot be written ({e.strerror or e}): choose another folder or make this "
+                        "one writable; nothing was trained.") from e
+
+def check_cycles_fit(handle, args: TrainArgs) -> None:
+    "Dry-run EPnG's first cycle on `handle`'s shapes: refuse settings whose freed ranks cannot be placed."
+    if args.method != "epng" or not cycle_steps(args.max_steps, args.warmup_steps, args.interval): return
+    ranks, cap = handle.ranks, handle.max_rank
+    try: plan_cycle(torch.ones(ranks.shape), ranks, args.alpha, args.beta, max_rank=cap)
+    except BudgetError:
+        n = ranks.numel(); kept = n - math.floor(round(args.alpha * n, 9))
+        raise EPnGError(f"these settings cannot survive a prune-and-grow cycle: the first cycle prunes {n - kept} of "
+                        f"{n} experts, and the {kept} left can hold at most {cap} ranks each ({kept * cap} in all), "
+                        f"fewer than the budget of {int(ranks.sum())} (rank {args.rank} on every expert). Lower alpha "
+                        f"or rank (at most {kept * cap // n} here), or raise max_rank if it is below what the "
+                        "projections allow. Nothing was trained.") from None
+
+def enable_checkpointing(model) -> None:
+    "Gradient (activation) checkpointing, non-reentrant, with the non-deprecated API where transformers has it."
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+def preset_line(given: TrainArgs, args: TrainArgs) -> str:
+    "One line for the start of a run: the preset it took, why, and its values (with those the settings replaced)."
+    name, why = preset_for(args.model)
+    values = [f"{k} {getattr(args, k)}" + (f" (given; preset {v})" if getattr(given, k) is not None else "")
+              for k, v in PRESETS[name].items()]
+    return f"preset '{name}' ({why}): " + ", ".join(values)
+
+# %% ../nbs/06c_train.ipynb #eceea6ae
 def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
-    "Run one fine-tuning job; returns the tuner, model, losses, cycle history and where things were saved."
-    args = (args or TrainArgs()).resolved()
-    rank, world, device = init_processes()
+    """Run one fine-tuning job; returns the tuner, model, losses, cycle history and where things were saved.
+    SIGINT or SIGTERM stop it after the current step with a checkpoint and `RunInterrupted`."""
+    given = args or TrainArgs()
+    args = given.resolved()
+    rank, world, device = init_processes(args.dist_timeout)
+    args = run_folder(args, rank, world, device)
+    out = Path(args.output_dir)
+    if rank == 0:                                           # process 0 alone writes, so it alone checks and cleans
+        check_output_dir(out); remove_stale_temporaries(out)
+        if progress: print(preset_line(given, args), file=sys.stderr)
+    candidates = resume_candidates(args) if args.resume else iter(())
+    found = next(candidates, None)                          # inspected before the model loads
+    if args.resume and found is None:
+        raise EPnGError(f"resume='latest' but {out} holds no complete checkpoint that is intact (the warnings name "
+                        "each one skipped): start without resume, or give a checkpoint folder.")
     torch.manual_seed(args.seed); random.seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, args.bf16, device)
     rows = (embedded_rows(limit=args.limit, seed=args.seed) if args.dataset == EMBEDDED
             else load_rows(args.dataset, args.dataset_format, limit=args.limit, seed=args.seed))
     dataset = SFTDataset(rows, tokenizer, max_length=args.max_length)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    scoring = (to_device(b, device) for b, _ in zip(step_batches(dataset, args, rank, world, 0), range(args.esft_batches)))
-    tuner, controller = make_tuner(model, args, scoring)
-    optimizer, scheduler = make_optimizer(tuner, args, device)
-    if controller: tuner.bind_optimizer(optimizer)
-    start, losses, out = 0, [], Path(args.output_dir)
-    if args.resume:
-        folder = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-        if folder is None: raise EPnGError(f"resume='latest' but {out} holds no complete checkpoint.")
-        start, losses = load_checkpoint(folder, args, tuner, optimizer, scheduler, controller)
-    last_good = None
+    def prepare(model):
+        if args.gradient_checkpointing: enable_checkpointing(model)
+        first = step_batches(dataset, args, rank, world, 0)
+        scoring = (to_device(b, device) for b, _ in zip(first, range(args.esft_batches)))
+        tuner, controller = make_tuner(model, args, scoring)
+        if controller: check_cycles_fit(tuner, args)
+        optimizer, scheduler = make_optimizer(tuner, args, device)
+        if controller: tuner.bind_optimizer(optimizer)
+        return tuner, controller, optimizer, scheduler
+    tuner, controller, optimizer, scheduler = prepare(model)
+    start, losses, changes, last_good = 0, [], [], None
+    while found is not None:
+        try:
+            start, losses, changes = load_checkpoint(found, args, tuner, optimizer, scheduler, controller)
+            last_good, found = found["folder"], None
+        except EPnGError as e:                             # only what needs the model is left to fail here
+            if args.resume != "latest": raise
+            warnings.warn(f"resume='latest' skips {found['folder'].name}: {e}")
+            if (found := next(candidates, None)) is None:
+                raise EPnGError(f"resume='latest' but {out} holds no complete checkpoint that is intact.") from None
+            model = load_model_and_tokenizer(args.model, args.bf16, device)[0]   # the failed load may have grown
+            tuner, controller, optimizer, scheduler = prepare(model)              # factors: start from a fresh model
+    def diverged(what: str, step: int) -> EPnGError:
+        hint = f"e.g. --resume {last_good} --lr {args.lr / 10:g}" if last_good else "none was written: start anew"
+        return EPnGError(f"{what} at step {step}: training diverged, and nothing of this step was saved; lower lr and "
+                         f"resume from the last finite checkpoint ({last_good or 'none'}), {hint}.")
     model.train()
     batches = step_batches(dataset, args, rank, world, start)
     bar = tqdm(range(start + 1, args.max_steps + 1), desc=f"{args.method} training", disable=not progress or rank > 0)
-    for step in bar:
-        total = torch.zeros((), device=device)
-        for _ in range(args.grad_accum):
-            loss = model(**to_device(next(batches), device)).loss / args.grad_accum
-            loss.backward()
-            total += loss.detach()
-        trainable = list(tuner.parameters())
-        average_gradients(trainable, world)
-        if world > 1: dist.all_reduce(total); total /= world
-        if not torch.isfinite(total):
-            raise EPnGError(f"the loss is {total.item()} at step {step}: training diverged; lower lr and resume from "
-                            f"the last good checkpoint ({last_good or 'none was written'}).")
-        if args.max_grad_norm: torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-        optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
-        if controller: controller.step_end(step, optimizer)
-        losses.append(total.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
-            with shared_statistics(tuner):              # every process takes part; process 0 writes
-                if rank == 0: last_good = save_checkpoint(checkpoint_dir(out, step), args, step, tuner, optimizer,
-                                                          scheduler, controller, losses)
-    result = dict(args=args, model=model, tokenizer=tokenizer, tuner=tuner, controller=controller, losses=losses,
-                  share=method_share(tuner, model), rank=rank, world=world)
-    with shared_statistics(tuner):
-        if rank == 0: result.update(save_run(out, args, result, optimizer, scheduler))
+    with bounded_wait(args.dist_timeout, world), StopSignals() as stop:
+        for step in bar:
+            total = torch.zeros((), device=device)
+            for _ in range(args.grad_accum):
+                loss = model(**to_device(next(batches), device)).loss / args.grad_accum
+                loss.backward()
+                total += loss.detach()
+            trainable = list(tuner.parameters())
+            average_gradients(trainable, world)
+            if world > 1: dist.all_reduce(total); total /= world
+            if not torch.isfinite(total): raise diverged(f"the loss is {total.item()}", step)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+            if not torch.isfinite(norm):
+                raise diverged(f"the gradient norm is {norm.item()} (with a finite loss, {total.item():.4g})", step)
+            if args.max_grad_norm: torch.nn.utils.clip_grads_with_norm_(trainable, args.max_grad_norm, norm)
+            optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
+            if controller: controller.step_end(step, optimizer)
+            losses.append(total.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            signum = stop.requested(world, device) if step < args.max_steps else None   # the last step saves anyway
+            save = bool(args.save_steps and step % args.save_steps == 0 or signum) and step < args.max_steps
+            if save or step == args.max_steps:
+                if problem := nonfinite_state(tuner, optimizer): raise diverged(problem, step)
+            if save:
+                with shared_statistics(tuner):              # every process takes part; process 0 writes
+                    if rank == 0: last_good = save_checkpoint(checkpoint_dir(out, step), args, step, tuner, optimizer,
+                                                              scheduler, controller, losses, changes)
+            if signum:
+                if world > 1: dist.barrier()               # none leaves before process 0 has written the checkpoint
+                bar.close()
+                raise RunInterrupted(f"stopped by {signal.Signals(signum).name} after step {step} of {args.max_steps}, "
+                                     f"saved in {checkpoint_dir(out, step)}; continue exactly with: "
+                                     f"{resume_command(given, out)}", signum, checkpoint_dir(out, step), rank)
+        result = dict(args=args, model=model, tokenizer=tokenizer, tuner=tuner, controller=controller, losses=losses,
+                      share=method_share(tuner, model), rank=rank, world=world, changes=changes)
+        with shared_statistics(tuner):
+            if rank == 0: result.update(save_run(out, args, result, optimizer, scheduler))
     return result
 
 # %% ../nbs/06c_train.ipynb #bad71595
@@ -287,24 +632,27 @@ def save_run(out: Path, args: TrainArgs, result: dict, optimizer, scheduler) -> 
     import matplotlib.pyplot as plt
     tuner, controller, losses = result["tuner"], result["controller"], result["losses"]
     final = save_checkpoint(checkpoint_dir(out, args.max_steps), args, args.max_steps, tuner, optimizer, scheduler,
-                            controller, losses)
+                            controller, losses, result.get("changes"))
     saved = {"checkpoint": final, "figures": out / "figures"}
-    saved["figures"].mkdir(parents=True, exist_ok=True)
+    if saved["figures"].is_symlink() or os.path.lexists(saved["figures"]) and not saved["figures"].is_dir():
+        raise EPnGError(f"{saved['figures']} is a link or a file, not the run's figures folder: nothing is written "
+                        f"through it. Move it away and resume (--resume {final}) to draw the figures; the run is saved.")
     if args.method in LORA_METHODS: saved["adapter"] = save_adapter(tuner, out / "adapter")
     history = controller.history if controller else []
-    fig, ax = plt.subplots(figsize=(6, 3))
-    plot_losses({args.method: losses}, [r.step for r in history], smooth=min(10, len(losses)), ax=ax)
-    fig.savefig(saved["figures"] / "loss.png", dpi=110, bbox_inches="tight"); plt.close(fig)
-    if history:
-        fig = plot_cycle_history(history, args.rank)
-        fig.savefig(saved["figures"] / "prune_grow.png", dpi=110, bbox_inches="tight"); plt.close(fig)
-    if controller:
-        ax = plot_expert_heatmap(tuner.importance.mean(), "expert importance p̄ at the end", label="p̄")
-        ax.figure.savefig(saved["figures"] / "importance.png", dpi=110, bbox_inches="tight"); plt.close(ax.figure)
+    with atomic_dir(saved["figures"]) as tmp:               # a fresh folder: a link planted inside is never followed
+        fig, ax = plt.subplots(figsize=(6, 3))
+        plot_losses({args.method: losses}, [r.step for r in history], smooth=min(10, len(losses)), ax=ax)
+        fig.savefig(tmp / "loss.png", dpi=110, bbox_inches="tight"); plt.close(fig)
+        if history:
+            fig = plot_cycle_history(history, args.rank)
+            fig.savefig(tmp / "prune_grow.png", dpi=110, bbox_inches="tight"); plt.close(fig)
+        if controller:
+            ax = plot_expert_heatmap(tuner.importance.mean(), "expert importance p̄ at the end", label="p̄")
+            ax.figure.savefig(tmp / "importance.png", dpi=110, bbox_inches="tight"); plt.close(ax.figure)
     metrics = {"method": args.method, "steps": args.max_steps, "final_loss": losses[-1] if losses else None,
                "trainable": tuner.num_trainable(), "trainable_share": result["share"], "losses": losses,
                "cycles": [{"step": r.step, "tau_p": r.tau_p, "tau_g": r.tau_g, "pruned": int(r.pruned.sum()),
                            "grown": int(r.grown.sum())} for r in history],
-               "ranks": tuner.ranks.tolist() if controller else None}
+               "ranks": tuner.ranks.tolist() if controller else None, "setting_changes": result.get("changes", [])}
     saved["metrics"] = atomic_write_json(metrics, out / "metrics.json")
     return saved

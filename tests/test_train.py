@@ -8,7 +8,7 @@ from epng.cli import main
 from epng.moe import find_moe_layers
 from epng.train import TrainArgs, train, load_model_and_tokenizer, step_batches, checkpoint_dir, latest_checkpoint
 from epng.data import SFTDataset, embedded_dataset
-from epng.loop import EPnGController, cycle_steps
+from epng.loop import EPnGController, cycle_steps, load_state
 from epng.importance import NonFiniteStatisticsError
 
 T = sys.modules["epng.train"]    # the module: `epng.train` is the function
@@ -39,8 +39,8 @@ def _metrics(out) -> dict: return json.loads((Path(out) / "metrics.json").read_t
 
 def _complete(folder: Path) -> bool:
     "Does a checkpoint folder hold everything a resume reads?"
-    return all((folder / f).is_file() for f in ["trainer.pt", "args.json", "adapter/epng_adapter.json",
-                                                 "adapter/epng_adapter.safetensors"])
+    return all((folder / f).is_file() for f in ["trainer.json", "trainer.safetensors", "args.json",
+                                                 "adapter/epng_adapter.json", "adapter/epng_adapter.safetensors"])
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +83,18 @@ def test_cli_train_prints_ranks_saves_adapter_that_reloads(cli_run):
 # ---------------------------------------------------------------- 2. several processes
 PROBE = textwrap.dedent('''
     "Runs `epng train` through the command line twice (a run, then a resume); every process writes its results."
-    import sys, torch, epng.cli
+    import importlib, sys, torch, epng.cli
+    T = importlib.import_module("epng.train")    # the module: `epng.cli.main` takes `train` from it when it runs
     out, argv = sys.argv[1], sys.argv[2:]
-    calls = []
+    calls, train = [], T.train
     def record(args):
-        result = epng.cli.train_(args, progress=False)
+        result = train(args, progress=False)
         torch.save({"rank": result["rank"], "world": result["world"], "ranks": result["tuner"].ranks.clone(),
                     "losses": result["losses"], "factors": [p.detach().clone() for p in result["tuner"].parameters()]},
                    f"{out}/process{result['rank']}-run{len(calls)}.pt")
         calls.append(result)
         return result
-    epng.cli.train_, epng.cli.train = epng.cli.train, record
+    T.train = record
     epng.cli.main(argv + ["--save-steps", "5", "--output-dir", f"{out}/run"])
     epng.cli.main(argv + ["--output-dir", f"{out}/resumed", "--resume", f"{out}/run/checkpoint-5"])
 ''')
@@ -140,15 +141,15 @@ def test_cli_resume_around_a_cycle_replays_the_run(cli_run, tmp_path, stop):
 
 
 KILLER = textwrap.dedent('''
-    "`epng train` that is killed (SIGKILL) while it writes trainer.pt of checkpoint-6."
-    import os, signal, sys, torch, epng.cli
-    real_save = torch.save
-    def save(obj, f, *a, **k):
-        if ".checkpoint-6.tmp" in str(f) and str(f).endswith("trainer.pt"):
+    "`epng train` that is killed (SIGKILL) while it writes trainer.safetensors of checkpoint-6."
+    import os, signal, sys, epng.cli, epng.checkpoint
+    real_save = epng.checkpoint.save_file
+    def save(tensors, f, *a, **k):
+        if ".checkpoint-6.tmp" in str(f) and str(f).endswith("trainer.safetensors"):
             open(f, "wb").write(b"half a file")
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_save(obj, f, *a, **k)
-    torch.save = save
+        return real_save(tensors, f, *a, **k)
+    epng.checkpoint.save_file = save
     epng.cli.main(sys.argv[1:])
 ''')
 
@@ -165,6 +166,7 @@ def test_killed_run_leaves_complete_checkpoints_and_resumes_latest(cli_run, tmp_
     assert list(out.glob(".checkpoint-6.tmp-*")) and not (out / "metrics.json").exists()
     assert latest_checkpoint(out) == out / "checkpoint-5"
     main(["train", *SMALL_FLAGS, "--save-steps", "1", "--output-dir", str(out), "--resume", "latest"])
+    assert not list(out.glob(".*"))                    # the killed run's temp folder was removed at the start
     full, resumed = _metrics(cli_run[0]), _metrics(out)
     assert resumed["losses"] == full["losses"] and resumed["ranks"] == full["ranks"]
     assert all(_complete(checkpoint_dir(out, k)) for k in range(1, 11))
@@ -263,7 +265,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         train(TrainArgs(**SMALL, save_steps=1, output_dir=str(tmp_path)), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"checkpoint-{k}" for k in range(1, 6)]
     last = tmp_path / "checkpoint-5"
-    assert _complete(last) and torch.load(last / "trainer.pt", weights_only=False)["step"] == 5
+    assert _complete(last) and load_state(last, "trainer")["step"] == 5
     fresh, _ = real("embedded")
     h = epng.load_adapter(fresh, last / "adapter")
     assert all(torch.isfinite(p).all() for p in h.parameters()) and int(h.ranks.sum()) == h.budget
@@ -299,6 +301,18 @@ def test_resume_into_other_settings_is_refused(cli_run, tmp_path):
         train(TrainArgs(**SMALL, resume=str(tmp_path / "other"), output_dir=str(tmp_path)), progress=False)
     with pytest.raises(epng.EPnGError, match="holds no complete checkpoint"):
         train(TrainArgs(**SMALL, resume="latest", output_dir=str(tmp_path / "empty")), progress=False)
+
+
+def test_gradient_checkpointing_uses_the_api_transformers_keeps(tmp_path):
+    short = {**SMALL, "max_steps": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)   # transformers 5.x: gradient_checkpointing_enable is deprecated
+        on = train(TrainArgs(**short, gradient_checkpointing=True, output_dir=str(tmp_path / "on")), progress=False)
+    off = train(TrainArgs(**short, output_dir=str(tmp_path / "off")), progress=False)
+    def checkpointing(model):                          # the property's name follows the method's
+        return getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    assert checkpointing(on["model"]) and not checkpointing(off["model"])
+    assert on["losses"] == off["losses"]              # recomputed activations are the same ones
 
 
 def test_unknown_method(capsys):
