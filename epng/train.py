@@ -11,7 +11,6 @@ import torch
 from torch import nn
 import torch.distributed as dist
 from tqdm.auto import tqdm
-import matplotlib
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -628,7 +627,6 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
 # %% ../nbs/06c_train.ipynb #bad71595
 def save_run(out: Path, args: TrainArgs, result: dict, optimizer, scheduler) -> dict:
     "Final checkpoint, adapter, metrics.json and figures in `out`; returns their paths."
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tuner, controller, losses = result["tuner"], result["controller"], result["losses"]
     final = save_checkpoint(checkpoint_dir(out, args.max_steps), args, args.max_steps, tuner, optimizer, scheduler,
