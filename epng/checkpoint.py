@@ -88,8 +88,15 @@ def _atomic_file(path):
         raise
 
 def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path:
-    "`safetensors.save_file` that raises an OS failure as `OSError` (a full disk reaches it as text) and follows the umask."
-    try: save_file(tensors, path, metadata=metadata)
+    """`safetensors.save_file` of contiguous CPU copies, tensors that share storage (tied weights, which safetensors
+    refuses) each written as their own; an OS failure is raised as `OSError` (a full disk reaches it as text); the file
+    follows the umask."""
+    flat, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in seen: t = t.clone()
+        seen.add(t.untyped_storage().data_ptr()); flat[name] = t
+    try: save_file(flat, path, metadata=metadata)
     except SafetensorError as e:
         code = re.search(r"os error (\d+)", str(e))
         if code: raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e

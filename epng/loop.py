@@ -176,15 +176,12 @@ MAX_STATE_JSON = 8 * 2**20    # bytes: 25× the largest real skeleton (below); p
 
 def flatten_state(state) -> tuple[dict, object]:
     "Split nested dicts/lists/tuples of tensors and JSON values into `(tensors, skeleton)`: a flat dict and JSON."
-    tensors, owners = {}, {}
+    tensors = {}
     def walk(x, path):
         if isinstance(x, torch.Tensor):
             key = path or "tensor"
             if key in tensors: raise EPnGError(f"two tensors of the state would be saved as {key!r}: rename a key.")
-            t = x.detach().cpu().contiguous()
-            if t.data_ptr() in owners and t.numel(): t = t.clone()   # shared storage (tied weights): safetensors refuses it
-            owners[t.data_ptr()] = key
-            tensors[key] = t
+            tensors[key] = t = x.detach()          # write_safetensors makes the contiguous, unshared copies
             return {"__tensor__": key, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
         sub = lambda k: f"{path}.{k}" if path else str(k)
         if isinstance(x, dict):

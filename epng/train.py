@@ -33,11 +33,11 @@ __all__ = ['EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMAB
            'check_model_files', 'load_model_and_tokenizer', 'embedded_rows', 'make_tuner', 'method_share',
            'init_processes', 'bounded_wait', 'average_gradients', 'shared_statistics', 'DamagedCheckpointError',
            'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint', 'nonfinite',
-           'nonfinite_state', 'save_checkpoint', 'flatten_tuner', 'check_resumable', 'inspect_checkpoint',
-           'resume_candidates', 'check_optimizer_state', 'apply_changes', 'load_checkpoint', 'make_optimizer',
-           'step_batches', 'to_device', 'default_output_dir', 'claim_new_folder', 'previous_run', 'run_folder',
-           'RunInterrupted', 'StopSignals', 'resume_command', 'check_output_dir', 'check_cycles_fit',
-           'enable_checkpointing', 'preset_line', 'train', 'save_run']
+           'nonfinite_state', 'save_checkpoint', 'check_resumable', 'inspect_checkpoint', 'resume_candidates',
+           'check_optimizer_state', 'apply_changes', 'load_checkpoint', 'make_optimizer', 'step_batches', 'to_device',
+           'default_output_dir', 'claim_new_folder', 'previous_run', 'run_folder', 'RunInterrupted', 'StopSignals',
+           'resume_command', 'check_output_dir', 'check_cycles_fit', 'enable_checkpointing', 'preset_line', 'train',
+           'save_run']
 
 # %% ../nbs/06c_train.ipynb #9a9413dd
 def check_model_files(folder) -> None:
@@ -190,22 +190,13 @@ def save_checkpoint(folder, args: TrainArgs, step: int, tuner, optimizer, schedu
         raise EPnGError(f"{folder} was not written: at step {step} {problem}.")
     with atomic_dir(folder) as tmp:
         if args.method in LORA_METHODS: save_adapter(tuner, tmp / "adapter")
-        else: write_safetensors(flatten_tuner(tuner.state_dict()), tmp / TUNER_STATE)
+        else: write_safetensors(tuner.state_dict(), tmp / TUNER_STATE)
         save_state({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "controller": controller.state_dict() if controller else None, "losses": losses,
                     "changes": changes or [], "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
                    tmp, TRAINER_STATE)
         (tmp / "args.json").write_text(json.dumps(args.to_dict(), indent=1))
     return Path(folder)
-
-def flatten_tuner(state: dict) -> dict:
-    "A tuner's tensors for safetensors: contiguous, and tied weights (shared storage) as separate copies."
-    out, seen = {}, set()
-    for k, v in state.items():
-        t = v.detach().cpu().contiguous()
-        if t.data_ptr() in seen and t.numel(): t = t.clone()
-        seen.add(t.data_ptr()); out[k] = t
-    return out
 
 def check_resumable(saved: dict, args: TrainArgs) -> dict:
     "Refuse to resume a checkpoint written with other settings; returns the changed optimizer settings `{k: (old, new)}`."

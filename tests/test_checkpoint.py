@@ -593,3 +593,13 @@ def test_an_adapter_read_with_another_importance_is_refused(tmp_path):
     with pytest.raises(epng.EPnGError, match="importance: adapter 'selection', handle 'gate'"):
         epng.load_adapter_into(handle, tmp_path / "a")
     assert epng.load_adapter(copy.deepcopy(model), tmp_path / "a").config.importance == "selection"
+
+
+def test_write_safetensors_writes_tensors_that_share_storage(tmp_path):
+    "Tied weights, a slice of them and a transposed view: safetensors refuses shared storage; each is written as its own."
+    from epng.checkpoint import write_safetensors
+    w = torch.arange(12.0).view(3, 4)
+    tensors = {"embed": w, "head": w, "row": w[1], "t": w.t()}
+    write_safetensors(tensors, tmp_path / "t.safetensors")
+    back = load_file(tmp_path / "t.safetensors")
+    assert all(back[k].equal(v) for k, v in tensors.items())
