@@ -26,7 +26,7 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
-eval_requirements = (cfg.get('eval_requirements') or '').split()  # benchmarks of notebook 07: pip install epng[eval]
+eval_requirements = (cfg.get('eval_requirements') or '').split()  # benchmarks of notebook 14: pip install epng[eval]
 # running the notebooks: pip install epng[notebooks]; the evaluation notebooks (07, 09a-13) need the eval extra too
 notebooks_requirements = (cfg.get('notebooks_requirements') or '').split() + eval_requirements
 

@@ -8,8 +8,7 @@ import inspect
 from dataclasses import dataclass, field
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen2MoeConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers import AutoConfig, AutoModelForCausalLM, OlmoeConfig, Qwen2MoeConfig
 
 # %% auto #0
 __all__ = ['TARGETS', 'PAPER_MODELS', 'EPnGError', 'NoMoELayerError', 'UnsupportedExpertsError', 'tiny_moe_config', 'MoELayer',
@@ -33,7 +32,7 @@ _TINY_SHAPES = {  # architecture-specific names for "routed experts", "expert wi
                       num_experts=8, num_experts_per_tok=2),
     "mixtral": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
     "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2),
-    # routers of other kinds (notebook 01): sigmoid + correction bias + expert groups; sigmoid + bias; √softplus and
+    # routers of other kinds (notebook 04): sigmoid + correction bias + expert groups; sigmoid + bias; √softplus and
     # hash layers; routers whose (E, H) weight sits one level down
     "deepseek_v3": dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
                         n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16,
@@ -60,7 +59,7 @@ def tiny_moe_config(arch: str = "olmoe", **overrides):
                   max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   tie_word_embeddings=False)
     kwargs.update(_TINY_SHAPES[arch]); kwargs.update(overrides)
-    return CONFIG_MAPPING[arch](**kwargs)
+    return AutoConfig.for_model(arch, **kwargs)
 
 # %% ../nbs/00_moe.ipynb #3f8da048
 @dataclass

@@ -2,7 +2,7 @@
 """Run the notebooks in nbs/ top to bottom and store their outputs, so a reader on GitHub sees figures and results.
 
     python scripts/run_notebooks.py                      # every notebook, two at a time
-    python scripts/run_notebooks.py --only 07a_sandbox 14_workshop --n_workers 1
+    python scripts/run_notebooks.py --only 14a_sandbox 19_workshop --n_workers 1
 
 Each notebook runs in its own process and execnb kernel, in nbs/ (as nbdev_test runs it), offline, one thread, no
 progress bars, with small PNG figures. Cells nbdev_test skips (`#| eval: false`, the `tst_flags` of settings.ini, the
@@ -111,7 +111,7 @@ def find(names) -> list:
     found = []
     for n in names:
         p = NBS / (Path(n).stem + ".ipynb")
-        if not p.exists(): sys.exit(f"{p} does not exist: give a notebook name from nbs/, e.g. 07a_sandbox.")
+        if not p.exists(): sys.exit(f"{p} does not exist: give a notebook name from nbs/, e.g. 14a_sandbox.")
         found.append(p)
     return found
 

@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev]"
-# generated code runs only in a bubblewrap sandbox (nbs/07a_sandbox.ipynb): install it where it is missing
+# generated code runs only in a bubblewrap sandbox (nbs/14a_sandbox.ipynb): install it where it is missing
 if ! command -v bwrap >/dev/null; then
     if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap
     else echo "bwrap is missing: install the Debian/Ubuntu package bubblewrap (sudo apt-get install bubblewrap)." >&2; exit 1; fi

@@ -7,9 +7,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 import epng
 import epng.checkpoint as checkpoint
-from epng.checkpoint import (atomic_dir, atomic_save_torch, atomic_write_json, save_adapter, load_adapter,
-                             load_adapter_into, export_peft, from_peft_layout, remove_stale_temporaries,
-                             InvalidAdapterError, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+from epng.io import atomic_dir, atomic_save_torch, atomic_write_json, remove_stale_temporaries
+from epng.checkpoint import save_adapter, load_adapter, load_adapter_into, export_peft, from_peft_layout, InvalidAdapterError, ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 peft = pytest.importorskip("peft")
 # peft 0.21 checks rank_pattern keys against module names only, so it warns about patterns it does apply
@@ -169,7 +168,7 @@ def test_permission_denied_names_the_folder(tmp_path, monkeypatch):
 READ_ONLY_SAVE = """
 import sys, epng
 from pathlib import Path
-from epng.checkpoint import atomic_dir
+from epng.io import atomic_dir
 try:
     with atomic_dir(Path(sys.argv[1]) / "ckpt") as d: (d / "a.txt").write_text("2")
 except epng.EPnGError as e: print("EPnGError:", e)
@@ -597,7 +596,7 @@ def test_an_adapter_read_with_another_importance_is_refused(tmp_path):
 
 def test_write_safetensors_writes_tensors_that_share_storage(tmp_path):
     "Tied weights, a slice of them and a transposed view: safetensors refuses shared storage; each is written as its own."
-    from epng.checkpoint import write_safetensors
+    from epng.io import write_safetensors
     w = torch.arange(12.0).view(3, 4)
     tensors = {"embed": w, "head": w, "row": w[1], "t": w.t()}
     write_safetensors(tensors, tmp_path / "t.safetensors")

@@ -215,7 +215,7 @@ def test_epng_help_imports_no_torch():
 
 
 def test_the_importance_reading_reaches_the_handle():
-    "--importance is one switch: TrainArgs → EPnGConfig → the handle's collector (notebook 01's readings)."
+    "--importance is one switch: TrainArgs → EPnGConfig → the handle's collector (notebook 04's readings)."
     assert TrainArgs(importance="selection").resolved().epng_config().importance == "selection"
     with pytest.raises(epng.EPnGError, match="importance must be one of"):
         TrainArgs(importance="token").resolved()

@@ -13,10 +13,8 @@ from transformers import AutoTokenizer
 from epng import data
 from epng.moe import EPnGError
 from epng.eval import load_eval_rows
-from epng.data import (BYTE_VOCAB_SIZE, FORMATS, IGNORE_INDEX, PLAIN_TEMPLATE, NoResponseLeftError, SFTDataset,
-                       StepBatchSampler, batch_order, byte_tokenizer, collate, embedded_dataset, encode,
-                       fixture_path, fixture_text, load_rows, make_batches, read_json_rows, render_prompt,
-                       synthetic_rows)
+from epng.data import BYTE_VOCAB_SIZE, FORMATS, IGNORE_INDEX, PLAIN_TEMPLATE, NoResponseLeftError, SFTDataset, StepBatchSampler, batch_order, byte_tokenizer, collate, embedded_dataset, encode, fixture_path, load_rows, make_batches, read_json_rows, render_prompt
+from epng.samples import fixture_text, synthetic_rows
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

@@ -15,10 +15,8 @@ import epng
 from epng.moe import EPnGError
 from epng.data import byte_tokenizer
 import epng.eval as ev
-from epng.eval import (EVAL_SETS, INVALID_MATH, OpenAIJudge, VerdictError, evaluate_gsm8k, evaluate_math,
-                       extract_gsm8k, extract_math_answer, final_answer_sentence, generate, gsm8k_correct, judge_pair,
-                       last_boxed, load_eval_rows, math_correct, math_gold, normalize_math_answer,
-                       pairwise_judge_prompt, pairwise_win_rate, parse_verdict, pass_at_k, strip_boxed)
+from epng.eval import EVAL_SETS, INVALID_MATH, evaluate_gsm8k, evaluate_math, extract_gsm8k, extract_math_answer, final_answer_sentence, generate, gsm8k_correct, last_boxed, load_eval_rows, math_correct, math_gold, normalize_math_answer, pass_at_k, strip_boxed
+from epng.judge import OpenAIJudge, VerdictError, judge_pair, pairwise_judge_prompt, pairwise_win_rate, parse_verdict
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval-harness 0.4.13 is the reference: pip install lm-eval==0.4.13")
 LM_EVAL_DIR = Path(lm_eval.__file__).parent

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 import epng
 from epng.cli import main
-from epng.loop import load_state, EPNG_STATE
+from epng.io import load_state
+from epng.loop import EPNG_STATE
 from epng.train import TrainArgs, train, checkpoint_dir, inspect_checkpoint
 
 T = sys.modules["epng.train"]

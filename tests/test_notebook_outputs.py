@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from run_notebooks import skipped_by_nbdev_test  # the cells the script does not run keep no output
 
-# The reproduction notebooks (09a, 10-13) are not lessons: their results are the paper's tables on a GPU with the hub's
+# The reproduction notebooks (18, 18a-18d) are not lessons: their results are the paper's tables on a GPU with the hub's
 # models, and what a CPU commits is a smoke run of the same cells, where cells meant for the full mode may print
 # nothing. They are still run and committed with those smoke outputs; only the lessons must show every result.
-REPRODUCTIONS = re.compile(r"^(09a|1[0-3])_")
+REPRODUCTIONS = re.compile(r"^18[a-d]?_")
 TEACHING = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not REPRODUCTIONS.match(p.name))
 SKIP_FLAGS = set(get_config(path=ROOT).tst_flags.split())
 SHOWS = {"print", "display"}

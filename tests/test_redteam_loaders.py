@@ -11,9 +11,9 @@ import torch
 
 import epng
 import epng.data as data
-from epng.checkpoint import is_stale_temporary, remove_stale_temporaries
-from epng.loop import (EPNG_STATE, MAX_STATE_JSON, EPnGCallback, EPnGController, StateFileError, load_state,
-                       restore_ranks, save_state)
+from epng.io import is_stale_temporary, remove_stale_temporaries
+from epng.loop import EPNG_STATE, EPnGCallback, EPnGController, restore_ranks
+from epng.io import MAX_STATE_JSON, StateFileError, load_state, save_state
 
 
 # --- finding 5: only our own temporaries are leftovers ---------------------------------------------------------------

@@ -7,7 +7,7 @@ from epng.repro import (resolve_params, check_gpu, prefeval_status, prefeval_sco
                         PAPER_RESULTS, EXPERIMENTS)
 
 NBS = Path(__file__).parents[1] / "nbs"
-REPRO = ["10_repro_olmoe", "11_repro_qwen", "12_repro_general", "13_repro_down_proj"]
+REPRO = ["18a_repro_olmoe", "18b_repro_qwen", "18c_repro_general", "18d_repro_down_proj"]
 
 
 @pytest.mark.parametrize("kwargs, message", [

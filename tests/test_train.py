@@ -8,7 +8,8 @@ from epng.cli import main
 from epng.moe import find_moe_layers
 from epng.train import TrainArgs, train, load_model_and_tokenizer, step_batches, checkpoint_dir, latest_checkpoint
 from epng.data import SFTDataset, embedded_dataset
-from epng.loop import EPnGController, cycle_steps, load_state
+from epng.loop import EPnGController, cycle_steps
+from epng.io import load_state
 from epng.importance import NonFiniteStatisticsError
 
 T = sys.modules["epng.train"]    # the module: `epng.train` is the function
