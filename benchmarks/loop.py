@@ -48,7 +48,7 @@ def build(args, dtype):
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(cfg).to(dtype)
     model.train()
-    h = epng.attach(model, epng.EPnGConfig(rank=8, targets=("gate_proj", "up_proj"), alpha=0.2, beta=0.2, decay=0.2))
+    h = epng.attach(model, epng.EPnGConfig(rank=8, targets=("gate_proj", "up_proj"), prune_ratio=0.2, grow_ratio=0.2, importance_decay=0.2))
     optimizer = torch.optim.AdamW(h.parameters(), lr=1e-4, weight_decay=0.01, fused=args.device == "cuda")
     h.bind_optimizer(optimizer)
     return cfg, model, h, optimizer
@@ -169,7 +169,7 @@ def main():
     cfg_e = h.config
     cycles = []
     for k in range(args.cycles):
-        step = max(cfg_e.warmup_steps, cfg_e.interval) + k * cfg_e.interval
+        step = max(cfg_e.warmup_steps, cfg_e.cycle_interval) + k * cfg_e.cycle_interval
         train_step(model, optimizer, ids, mask)   # fresh statistics, optimizer state, gradients cleared
         capacity, phases = h.loras[0].capacity, {}
         with phase_timers(h, phases, args.device):
@@ -196,7 +196,7 @@ def main():
     print()
     L = lambda c: (f"capacity {c['cap_before']}→{c['cap_after']}" if c["cap_after"] != c["cap_before"]
                    else f"capacity {c['cap_after']}")
-    print(f"Cycle cost: {len(cycles)} cycles via EPnGController.step_end, α = β = {cfg_e.alpha}, λ = {cfg_e.decay}; "
+    print(f"Cycle cost: {len(cycles)} cycles via EPnGController.step_end, α = β = {cfg_e.prune_ratio}, λ = {cfg_e.importance_decay}; "
           f"÷ (50 × median step {1000 * step_med:.1f} ms = {50 * step_med:.1f} s)")
     print(f"  {'step':>5s} {'ms':>8s} {'÷ 50 steps':>11s} {'plan ms':>8s} {'prune ms':>9s} {'grow ms':>8s} "
           f"{'(swap ms)':>9s} {'÷ 50 fastest':>12s}  pruned grown max-rank capacity")

@@ -15,7 +15,7 @@ from .lora import ExpertLoRA, round_up
 from .handle import EPnGHandle, attach
 from .growth import grow_capacity, prune_experts, rank_limit
 from .io import atomic_dir, write_safetensors
-from .compat import moved_names
+from .compat import RENAMED_KNOBS, moved_names, renamed_keywords
 
 # %% auto #0
 __all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'FORMAT_VERSION', 'MAX_ADAPTER_JSON_BYTES', 'live_slots', 'moe_shapes',
@@ -122,28 +122,9 @@ def _read_metadata(file: Path) -> dict:
     if not isinstance(metadata, dict): raise _bad(file, f"it holds a JSON {type(metadata).__name__}, not an object")
     return metadata
 
-def _expected_tensors(metadata: dict) -> dict:
-    "`{name: (shape, safetensors dtype)}` of every tensor the adapter described by `metadata` must hold."
-    E, H, I = metadata["num_experts"], metadata["hidden_size"], metadata["intermediate_size"]
-    sides = {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
-    factor, expected = _DTYPE_CODES[metadata["dtype"]], {}
-    for l, ranks in enumerate(metadata["ranks"]):
-        R = max(ranks)
-        expected[f"layers.{l}.ranks"] = ((E,), "I64")
-        for t in metadata["targets"]:
-            fan_in, fan_out = sides[t]
-            expected[f"layers.{l}.{t}.A"], expected[f"layers.{l}.{t}.B"] = ((E, R, fan_in), factor), ((E, fan_out, R), factor)
-    L = metadata["num_moe_layers"]
-    expected["importance.sums"], expected["importance.counts"] = ((L, E), "F32"), ((L,), "F32")
-    return expected
-
-def _check_names(expected: dict, names: set, where) -> None:
-    missing, surprise = sorted(set(expected) - names), sorted(names - set(expected))
-    problems = ([f"tensors missing: {missing[:5]}"] if missing else []) + ([f"tensors not expected: {surprise[:5]}"] if surprise else [])
-    if problems: raise _bad(where, "; ".join(problems))
-
-def check_adapter_metadata(metadata: dict, where="the adapter") -> EPnGConfig:
-    "Raise `InvalidAdapterError` unless `metadata` is a consistent adapter description; returns its `EPnGConfig`."
+# %% ../nbs/10a_checkpoint.ipynb #3f25ca89
+def _check_fields(metadata: dict, where) -> EPnGConfig:
+    "The fields, their types, the format version, the MoE shapes and the config; returns the config."
     if metadata.get("format") != "epng-adapter":
         raise _bad(where, f"its format is {metadata.get('format')!r}, not 'epng-adapter'")
     for k, kind in _FIELDS.items():
@@ -155,8 +136,10 @@ def check_adapter_metadata(metadata: dict, where="the adapter") -> EPnGConfig:
                         f"{FORMAT_VERSION}: upgrade epng to read it.")
     sizes = {k: metadata[k] for k in ["num_moe_layers", "num_experts", "hidden_size", "intermediate_size"]}
     if min(sizes.values()) < 1: raise _bad(where, f"its MoE shapes {sizes} must all be >= 1")
-    L, E = sizes["num_moe_layers"], sizes["num_experts"]
-    try: config = EPnGConfig(**metadata["config"])
+    L = sizes["num_moe_layers"]
+    try:   # an adapter saved before 0.2 names four knobs the old way
+        metadata["config"] = renamed_keywords(metadata["config"], RENAMED_KNOBS, str(where), warn=False)
+        config = EPnGConfig(**metadata["config"])
     except (TypeError, EPnGError) as e: raise _bad(where, f"its config is not a valid EPnGConfig ({e})") from None
     if metadata["targets"] != list(config.targets):
         raise _bad(where, f"targets {metadata['targets']!r} differ from its config's {list(config.targets)}")
@@ -169,6 +152,13 @@ def check_adapter_metadata(metadata: dict, where="the adapter") -> EPnGConfig:
     if metadata["dtype"] not in _DTYPE_CODES:
         raise _bad(where, f"dtype {metadata['dtype']!r} is not one of {sorted(_DTYPE_CODES)}")
     if "extra" in metadata and not isinstance(metadata["extra"], dict): raise _bad(where, "extra is not an object")
+    return config
+
+# %% ../nbs/10a_checkpoint.ipynb #43a4e28a
+def _check_budget(metadata: dict, config: EPnGConfig, where) -> None:
+    "Capacity, ranks, budget and rank sum: each bounded by the shapes and consistent with the others."
+    sizes = {k: metadata[k] for k in ["num_moe_layers", "num_experts", "hidden_size", "intermediate_size"]}
+    L, E = sizes["num_moe_layers"], sizes["num_experts"]
     # capacity first: every other size is bounded by it, and it is bounded by the shapes, before anything is allocated
     limit = min(sizes["hidden_size"], sizes["intermediate_size"])
     capacity = metadata["capacity"]
@@ -191,7 +181,33 @@ def check_adapter_metadata(metadata: dict, where="the adapter") -> EPnGConfig:
     if rank_sum != recorded:
         raise _bad(where, f"its ranks add up to {rank_sum}, but it records a rank sum of {recorded!r} "
                           f"(budget {metadata['budget']})")
+
+def check_adapter_metadata(metadata: dict, where="the adapter") -> EPnGConfig:
+    "Raise `InvalidAdapterError` unless `metadata` is a consistent adapter description; returns its `EPnGConfig`."
+    config = _check_fields(metadata, where)
+    _check_budget(metadata, config, where)
     return config
+
+# %% ../nbs/10a_checkpoint.ipynb #9f5b76f4
+def _expected_tensors(metadata: dict) -> dict:
+    "`{name: (shape, safetensors dtype)}` of every tensor the adapter described by `metadata` must hold."
+    E, H, I = metadata["num_experts"], metadata["hidden_size"], metadata["intermediate_size"]
+    sides = {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+    factor, expected = _DTYPE_CODES[metadata["dtype"]], {}
+    for l, ranks in enumerate(metadata["ranks"]):
+        R = max(ranks)
+        expected[f"layers.{l}.ranks"] = ((E,), "I64")
+        for t in metadata["targets"]:
+            fan_in, fan_out = sides[t]
+            expected[f"layers.{l}.{t}.A"], expected[f"layers.{l}.{t}.B"] = ((E, R, fan_in), factor), ((E, fan_out, R), factor)
+    L = metadata["num_moe_layers"]
+    expected["importance.sums"], expected["importance.counts"] = ((L, E), "F32"), ((L,), "F32")
+    return expected
+
+def _check_names(expected: dict, names: set, where) -> None:
+    missing, surprise = sorted(set(expected) - names), sorted(names - set(expected))
+    problems = ([f"tensors missing: {missing[:5]}"] if missing else []) + ([f"tensors not expected: {surprise[:5]}"] if surprise else [])
+    if problems: raise _bad(where, "; ".join(problems))
 
 def check_adapter_tensors(metadata: dict, tensors: dict, where="the adapter") -> None:
     "Raise `InvalidAdapterError` unless `tensors` are exactly the ones `metadata` describes, with finite values."
@@ -211,6 +227,7 @@ def check_adapter_tensors(metadata: dict, tensors: dict, where="the adapter") ->
         elif name.startswith("importance.") and bool((t < 0).any()):
             raise _bad(where, f"{name} holds negative values")
 
+# %% ../nbs/10a_checkpoint.ipynb #2fc3a8c1
 def _read_tensors(file: Path, metadata: dict) -> dict:
     "The tensors in the safetensors `file`, after its header has been checked against `metadata`."
     expected, tensors = _expected_tensors(metadata), {}
@@ -238,6 +255,7 @@ def read_adapter(path) -> tuple[dict, dict]:
     check_adapter_metadata(metadata, path / ADAPTER_CONFIG)
     return metadata, _read_tensors(path / ADAPTER_WEIGHTS, metadata)
 
+# %% ../nbs/10a_checkpoint.ipynb #1335aaef
 def check_adapter_fits(metadata: dict, model: nn.Module, layers: list[MoELayer] | None = None) -> None:
     "Raise `EPnGError` unless the adapter described by `metadata` was made for a model with `model`'s MoE layers."
     layers = layers if layers is not None else find_moe_layers(model)
@@ -284,6 +302,7 @@ def _check_restorable(handle: EPnGHandle, metadata: dict, tensors: dict) -> None
                 raise EPnGError(f"the adapter's {t} factors do not fit this model's experts ({fan_in} → {fan_out}): "
                                 "load it into the model it was trained on.")
 
+# %% ../nbs/10a_checkpoint.ipynb #16dd6425
 def _snapshot(handle: EPnGHandle) -> dict:
     "Copies of everything `restore_adapter` changes: factors, gradients, ranks, optimizer state, importance, budget."
     opt, params = handle.optimizer, [p for lora in handle.loras for p in lora.parameters()]
@@ -315,6 +334,7 @@ def _roll_back(handle: EPnGHandle, snap: dict) -> None:
     handle.importance.load_state_dict(snap["importance"])
     handle.budget = snap["budget"]
 
+# %% ../nbs/10a_checkpoint.ipynb #51bd1b0e
 @torch.no_grad()
 def restore_adapter(handle: EPnGHandle, metadata: dict, tensors: dict) -> EPnGHandle:
     "Put saved ranks, capacity, factors, importance and budget into `handle`; the factors' optimizer state is zeroed."
@@ -424,4 +444,4 @@ def export_peft(handle: EPnGHandle, path, base_model_name_or_path: str | None = 
 
 # %% ../nbs/10a_checkpoint.ipynb #c571b287
 __getattr__ = moved_names(__name__, {  # names that left this module in 0.2: they answer, with a warning
-    **dict.fromkeys('atomic_dir atomic_save_torch atomic_write_json is_stale_temporary remove_stale_temporaries write_safetensors'.split(), "epng.io")})
+    **dict.fromkeys('atomic_dir atomic_write_json is_stale_temporary remove_stale_temporaries write_safetensors'.split(), "epng.io")})

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, ast, dataclasses, inspect, io, sys, textwrap, tokenize, typing
 from .settings import CHOICES, PRESETS, TrainArgs
+from .compat import RENAMED_KNOBS
 
 # %% auto #0
 __all__ = ['TRAIN_DESCRIPTION', 'rank_table', 'field_comments', 'option_help', 'add_train_options', 'report',
@@ -32,7 +33,8 @@ TRAIN_DESCRIPTION = (
     "OLMoE shipped with epng on the nano task (offline, about a minute on a CPU). Options shown with 'preset' take "
     "their value from a preset unless given: 'embedded' when the model is the nano OLMoE ('embedded', or a folder "
     "holding a model of its shape), 'paper' (the paper's appendix A.3) for any other model; a run prints the preset it "
-    "took. The paper's symbols: α is --alpha, β --beta, λ --decay, T_w --warmup-steps, T_p --interval.")
+    "took. The paper's symbols: α is --prune-ratio, β --grow-ratio, λ --importance-decay, T_w --warmup-steps, T_p "
+    "--cycle-interval.")
 
 def option_help(field: dataclasses.Field, comment: str) -> str:
     "An option's help: the field's comment, then both presets' values or the default."
@@ -51,7 +53,18 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         if kind is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif kind is tuple: parser.add_argument(flag, nargs="+", choices=CHOICES.get(f.name), **common)
         else: parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), **common)
+    for old, new in RENAMED_KNOBS.items():   # the names before 0.2, not in --help
+        parser.add_argument("--" + old, dest=new, type=float if new != "cycle_interval" else int, action=_OldFlag,
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+class _OldFlag(argparse.Action):
+    "An option's name before 0.2: the value goes to the new option, and stderr says the new name."
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"epng: {option_string} is now --{self.dest.replace('_', '-')} ({option_string} goes in the next release)",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+# %% ../nbs/17_cli.ipynb #9f8cb033
 def report(result: dict) -> str:
     "What a person wants to read at the end of a run."
     args, lines = result["args"], []
@@ -83,6 +96,7 @@ def pretrain_command(options: dict) -> str:
     return (f"nano model saved in {out}: {record['steps']} steps, seed {record['seed']}, loss "
             f"{record['losses'][0]:.3f} → {record['losses'][-1]:.3f}, {record['wall_s']:.0f} s")
 
+# %% ../nbs/17_cli.ipynb #e2dac601
 def make_parser() -> argparse.ArgumentParser:
     "The `epng` command's parser, with its two subcommands."
     parser = argparse.ArgumentParser(prog="epng", description="Expert Prune-and-Grow for MoE LLMs")

@@ -6,8 +6,6 @@
 from __future__ import annotations
 import json, statistics, tempfile, time
 from pathlib import Path
-import torch
-import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from .moe import EPnGError
 from .loop import LORA_METHODS
@@ -22,7 +20,7 @@ __all__ = ['COMPARED', 'NANO_SETTINGS', 'write_nano_rows', 'run_method', 'base_r
 
 # %% ../nbs/15_compare.ipynb #45a6a436
 COMPARED = LORA_METHODS + ("esft",)
-NANO_SETTINGS = dict(max_steps=400, batch_size=16, lr=3e-3, warmup_steps=100, interval=50, max_length=256)
+NANO_SETTINGS = dict(max_steps=400, batch_size=16, lr=3e-3, warmup_steps=100, cycle_interval=50, max_length=256)
 
 def write_nano_rows(folder, n: int = 2000) -> Path:
     "The nano task's first `n` training rows as a JSONL file in `folder` (what `TrainArgs.dataset` takes)."
@@ -46,6 +44,7 @@ def run_method(method: str, seed: int, train_file, test_rows: list[dict], max_ne
                 rank_sum=None if ranks is None else int(ranks.sum()), train_s=round(train_s, 1),
                 final_loss=round(statistics.mean(result["losses"][-20:]), 4), example=scores["generations"][0])
 
+# %% ../nbs/15_compare.ipynb #98b49957
 def base_run(test_rows: list[dict], max_new_tokens: int = 96) -> dict:
     "The shipped nano model before fine-tuning, scored like the runs."
     model, tokenizer = load_nano()
@@ -88,6 +87,7 @@ def comparison_table(runs: list[dict]) -> str:
 
 def plot_comparison(runs: list[dict], key: str = "flexible", ax=None, ylim=(0, 1), skip=()):
     "Bars at the mean over seeds, every seed as a dot: the spread is there to see. `skip` leaves methods out."
+    import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(7, 3))[1]
     table = {m: s for m, s in summarize(runs, key).items() if m not in skip}
     for i, (method, s) in enumerate(table.items()):

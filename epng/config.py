@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, asdict
 from .moe import EPnGError, check_targets
 from .gates import IMPORTANCE
+from .compat import RENAMED_KNOBS, renamed_arguments, renamed_attribute
 
 # %% auto #0
 __all__ = ['MAX_LORA_ALPHA', 'EPnGConfig']
@@ -20,11 +21,11 @@ class EPnGConfig:
     "Settings of expert LoRA and the prune-and-grow schedule (paper defaults)."
     rank: int = 8                                # r0: every expert's starting LoRA rank
     targets: tuple = ("gate_proj", "up_proj")    # expert projections that get LoRA
-    alpha: float = 0.2                           # pruning ratio α
-    beta: float = 0.2                            # growth ratio β
+    prune_ratio: float = 0.2                     # α: share of the active experts pruned per cycle
+    grow_ratio: float = 0.2                      # β: share of all experts that receive the freed ranks
     warmup_steps: int = 100                      # T_w: plain LoRA while statistics gather
-    interval: int = 50                           # T_p: steps between cycles
-    decay: float = 0.2                           # λ: statistics decay after each cycle
+    cycle_interval: int = 50                     # T_p: steps between prune-and-grow cycles
+    importance_decay: float = 0.2                # λ: statistics are multiplied by it after each cycle
     lora_alpha: float = 16                       # LoRA scaling is lora_alpha / rank, fixed
     max_rank: int | None = None                  # optional cap on one expert's rank
     importance: str = "gate"                     # how p̄ reads the router (notebook 04): 'gate', 'selection', 'weight'
@@ -35,14 +36,18 @@ class EPnGConfig:
         real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         checks = [
             (whole(self.rank) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}"),
-            (real(self.alpha) and 0 < self.alpha < 1, f"alpha (pruning ratio) must lie in (0, 1), got {self.alpha!r}"),
-            (real(self.beta) and 0 < self.beta < 1, f"beta (growth ratio) must lie in (0, 1), got {self.beta!r}"),
-            (not (real(self.alpha) and real(self.beta)) or self.alpha + self.beta <= 1,
-             f"alpha + beta must be <= 1 so pruned and grown experts cannot overlap, got {self.alpha} + {self.beta}"),
+            (real(self.prune_ratio) and 0 < self.prune_ratio < 1,
+             f"prune_ratio (α) must lie in (0, 1), got {self.prune_ratio!r}"),
+            (real(self.grow_ratio) and 0 < self.grow_ratio < 1, f"grow_ratio (β) must lie in (0, 1), got {self.grow_ratio!r}"),
+            (not (real(self.prune_ratio) and real(self.grow_ratio)) or self.prune_ratio + self.grow_ratio <= 1,
+             f"prune_ratio + grow_ratio must be <= 1 so pruned and grown experts cannot overlap, "
+             f"got {self.prune_ratio} + {self.grow_ratio}"),
             (whole(self.warmup_steps) and self.warmup_steps >= 0,
              f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}"),
-            (whole(self.interval) and self.interval >= 1, f"interval must be an integer >= 1 step, got {self.interval!r}"),
-            (real(self.decay) and 0 <= self.decay <= 1, f"decay (λ) must lie in [0, 1], got {self.decay!r}"),
+            (whole(self.cycle_interval) and self.cycle_interval >= 1,
+             f"cycle_interval must be an integer >= 1 step, got {self.cycle_interval!r}"),
+            (real(self.importance_decay) and 0 <= self.importance_decay <= 1,
+             f"importance_decay (λ) must lie in [0, 1], got {self.importance_decay!r}"),
             (real(self.lora_alpha) and 0 < self.lora_alpha <= MAX_LORA_ALPHA,
              f"lora_alpha must be a number in (0, {MAX_LORA_ALPHA:g}], got {self.lora_alpha!r}"),
             (self.max_rank is None or whole(self.max_rank) and whole(self.rank) and self.max_rank >= self.rank,
@@ -58,3 +63,7 @@ class EPnGConfig:
     def scaling(self) -> float: return self.lora_alpha / self.rank
 
     def to_dict(self) -> dict: return {**asdict(self), "targets": list(self.targets)}
+
+# %% ../nbs/06_config.ipynb #866a2c38
+EPnGConfig.__init__ = renamed_arguments(**RENAMED_KNOBS)(EPnGConfig.__init__)
+for _old, _new in RENAMED_KNOBS.items(): setattr(EPnGConfig, _old, renamed_attribute(_old, _new))

@@ -55,6 +55,7 @@ register_format(SFTFormat("metamathqa", ("query", "response"), "meta-math/MetaMa
 register_format(SFTFormat("codealpaca", ("instruction", "output"), "sahil2801/CodeAlpaca-20k", _codealpaca_pair,
                           optional=("input",)))
 
+# %% ../nbs/02_data.ipynb #d88650bb
 def _needs(fmt: SFTFormat) -> str:
     return f"{fmt.name} needs {list(fmt.required)}" + (f" (optional {list(fmt.optional)})" if fmt.optional else "")
 
@@ -89,6 +90,7 @@ def _limit_error(path, what: str, limit: int, constant: str, unit: str = "bytes"
     return EPnGError(f"{path}: {what} passes the limit of {limit:,} {unit}, so it is not read. If the file is "
                      f"genuine, raise epng.data.{constant}.")
 
+# %% ../nbs/02_data.ipynb #c852dc12
 def _chunks(path: Path, gz: bool) -> Iterator[bytes]:
     "The bytes of `path` (inflated when `gz`) in chunks, stopping with an error past `MAX_JSON_BYTES`."
     total, limit = 0, MAX_JSON_BYTES
@@ -119,6 +121,7 @@ def _lines(path: Path, chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
         if len(line) > limit: raise _limit_error(f"{path} line {number}", "the line", limit, "MAX_JSON_LINE_BYTES")
     if line: yield number, bytes(line)
 
+# %% ../nbs/02_data.ipynb #81a513b1
 def _text(path: Path, where: str, data: bytes, first: bool) -> str:
     "`data` decoded as UTF-8, or an error that says how the file is encoded instead."
     resave = "re-save it as UTF-8 (e.g. iconv -t UTF-8, or your editor's 'Save with encoding')."
@@ -135,6 +138,7 @@ def _text(path: Path, where: str, data: bytes, first: bool) -> str:
         raise EPnGError(f"{where}{line} is not UTF-8 text (byte 0x{data[e.start]:02x} cannot start or continue a "
                         f"character): {resave}") from None
 
+# %% ../nbs/02_data.ipynb #903e6469
 def _too_deep(value, limit: int) -> bool:
     "Whether `value` nests lists and objects more than `limit` deep (walked with a stack, not recursion)."
     stack = [(value, 1)]
@@ -163,6 +167,7 @@ def _not_an_object(where: str, value) -> EPnGError:
     return EPnGError(f"{where} is a JSON {type(value).__name__}, not an object: each row must be one object with "
                      "fields, e.g. {\"query\": ..., \"response\": ...}.")
 
+# %% ../nbs/02_data.ipynb #76d25b02
 def read_json_rows(path) -> list[dict]:
     "The rows (objects) of a `.json` list or a `.jsonl` file (one object a line); a `.gz` on either is read through gzip."
     path = Path(path)
@@ -201,6 +206,7 @@ def read_json_rows(path) -> list[dict]:
         rows.append(row)
     return rows
 
+# %% ../nbs/02_data.ipynb #f41cf2b9
 def _open_source(source, fmt: str | None):
     "The raw rows of `source` and the format name it implies (None when it must be detected)."
     if not isinstance(source, (str, os.PathLike)):
@@ -230,6 +236,7 @@ def _open_source(source, fmt: str | None):
     raise EPnGError(f"unknown dataset {name!r}: give a format name {sorted(FORMATS)}, 'embedded', "
                     "or the path of a .json/.jsonl file.")
 
+# %% ../nbs/02_data.ipynb #e15110fb
 def _check_row(row, index: int, fmt: SFTFormat) -> dict:
     if not isinstance(row, dict):
         raise EPnGError(f"row {index} is a {type(row).__name__}, not an object with fields: {_needs(fmt)}.")
@@ -318,6 +325,7 @@ def render_prompt(tokenizer, prompt: str, use_chat_template: bool | None = None)
                                              tokenize=False)
     return PLAIN_TEMPLATE.format(prompt=prompt)
 
+# %% ../nbs/02_data.ipynb #860a8890
 def _prompt_response_ids(tokenizer, prompt: str, response: str, use_chat: bool) -> tuple[list[int], list[int]]:
     eos = tokenizer.eos_token_id
     prompt_text = render_prompt(tokenizer, prompt, use_chat)
@@ -410,6 +418,7 @@ class SFTDataset(torch.utils.data.Dataset):
         prompt = [sum(l == IGNORE_INDEX for l in e["labels"]) for e in self.examples]
         return prompt, [len(e["labels"]) - p for e, p in zip(self.examples, prompt)]
 
+# %% ../nbs/02_data.ipynb #dc8e2ef0
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     "Right-pad encoded rows into LongTensors `input_ids`, `attention_mask` and `labels` (-100 on padding)."
     width = max(len(row["input_ids"]) for row in batch)
@@ -440,6 +449,7 @@ def batch_order(num_rows: int, batch_size: int, seed: int = 0, epoch: int = 0,
     order = torch.randperm(num_rows, generator=generator).tolist()
     return [order[k * batch_size:(k + 1) * batch_size] for k in range(count)]
 
+# %% ../nbs/02_data.ipynb #6e661180
 class StepBatchSampler(torch.utils.data.Sampler):
     "Batches of indices for steps start_step, start_step+1, …, across epochs; step s is the same batch in every run."
     def __init__(self, num_rows: int, batch_size: int, seed: int = 0, start_step: int = 0,

@@ -8,8 +8,7 @@ import inspect, math, warnings
 from collections.abc import Callable
 import torch
 from torch import nn
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+from fastcore.basics import patch
 from .moe import EPnGError, MoELayer
 
 # %% auto #0
@@ -68,6 +67,7 @@ def router_outputs(output) -> tuple[torch.Tensor, torch.Tensor | None, torch.Ten
         return output[0], output[1], output[2]
     return output[0], None, None
 
+# %% ../nbs/04_gates.ipynb #243e52db
 _FIT_TOL = 0.02   # on a log scale; the rounding of bf16 weights (8 bits of mantissa) stays well inside it
 
 def _misfits(logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> dict:
@@ -91,6 +91,7 @@ def infer_score_function(logits: torch.Tensor, weights: torch.Tensor, index: tor
     best = min(misfit, key=misfit.get, default=None)
     return best if best is not None and misfit[best] < tol else None
 
+# %% ../nbs/04_gates.ipynb #adfd987f
 def selection_departure(logits: torch.Tensor, index: torch.Tensor) -> float:
     "Share of tokens whose chosen experts are not the top-k of the router's scores: a correction bias or group limit at work."
     top = logits.detach().topk(index.shape[1], dim=-1).indices.sort(-1).values   # score functions keep the order of logits
@@ -113,10 +114,6 @@ def routing_stats(logits: torch.Tensor, weights: torch.Tensor | None, index: tor
     return _masked_sum(per_expert, mask)
 
 # %% ../nbs/04_gates.ipynb #77fbcb85
-def _in_backward() -> bool:
-    "True while autograd runs a backward pass: a router call now is gradient checkpointing's re-run of a counted one."
-    return torch._C._current_graph_task_id() != -1
-
 class GateCollector:
     "Hands each routing call's per-layer sums to `sink(layer, sum, count)` under `importance`, from the forward itself."
     def __init__(self, model: nn.Module, layers: list[MoELayer], sink: Callable, training_only: bool = True,
@@ -142,58 +139,69 @@ class GateCollector:
 
     def _outer_done(self, module, args, output): self._outer_running = False
 
-    def _reading(self, layer: MoELayer, logits, weights, index) -> tuple[str, str]:
-        "(importance, score function) for one call of `layer`'s router."
-        if weights is None: return self.importance, "softmax"   # logits only: a softmax router, as transformers' v4 ones
-        if layer.routes_by_token: return ("selection" if self.importance == "gate" else self.importance), "hash"
-        if layer.index in self._settled: score_fn = self._settled[layer.index]
-        else:
-            misfit = _misfits(logits, weights, index)
-            fits = [n for n in misfit if misfit[n] < _FIT_TOL]
-            score_fn = min(fits, key=misfit.get) if fits else None
-            self._note_departure(layer, selection_departure(logits, index))
-            if misfit and len(fits) <= 1:   # a clear answer: later calls skip the check and its device-to-host copies
-                self._settled[layer.index] = score_fn
-        if score_fn is None and self.importance == "gate":
-            raise EPnGError(f"the router of MoE layer {layer.index} ({type(layer.router).__name__}) weighs its chosen "
-                            f"experts by none of {list(SCORE_FUNCTIONS)} of its logits, so its gate probabilities are "
-                            "unknown: use importance='selection' or 'weight'.")
-        return self.importance, score_fn or "unknown"
-
-    def _note_departure(self, layer: MoELayer, departure: float):
-        self.departures[layer.index] = departure
-        if self.importance == "gate" and departure > 0.01 and not self._warned:
-            self._warned = True
-            warnings.warn(f"the router of MoE layer {layer.index} ({type(layer.router).__name__}) chooses other experts "
-                          f"than the top-k of its scores for {departure:.0%} of tokens (a correction bias or group "
-                          "limit): importance='gate' ranks experts by what the router scores, importance='selection' "
-                          "by what it chooses.", stacklevel=2)
-
-    def _router_hook(self, layer: MoELayer):
-        def hook(module, args, output):
-            if not self.enabled or (self.training_only and not module.training) or _in_backward(): return
-            logits, weights, index = router_outputs(output)
-            importance, score_fn = self._reading(layer, logits, weights, index)
-            self.kinds[layer.index] = score_fn
-            mask = token_mask(self._mask, logits.shape[0])
-            self.sink(layer.index, *routing_stats(logits, weights, index, mask, importance,
-                                                  "softmax" if score_fn in ("hash", "unknown") else score_fn))
-        return hook
-
     def remove(self):
         "Take the hooks off the model."
         for h in self._hooks: h.remove()
         self._hooks = []
 
+# %% ../nbs/04_gates.ipynb #fcef9eef
+def _in_backward() -> bool:
+    "True while autograd runs a backward pass: a router call now is gradient checkpointing's re-run of a counted one."
+    return torch._C._current_graph_task_id() != -1
+
+@patch
+def _router_hook(self: GateCollector, layer: MoELayer):
+    def hook(module, args, output):
+        if not self.enabled or (self.training_only and not module.training) or _in_backward(): return
+        logits, weights, index = router_outputs(output)
+        importance, score_fn = self._reading(layer, logits, weights, index)
+        self.kinds[layer.index] = score_fn
+        mask = token_mask(self._mask, logits.shape[0])
+        self.sink(layer.index, *routing_stats(logits, weights, index, mask, importance,
+                                              "softmax" if score_fn in ("hash", "unknown") else score_fn))
+    return hook
+
+# %% ../nbs/04_gates.ipynb #29c7f48d
+@patch
+def _reading(self: GateCollector, layer: MoELayer, logits, weights, index) -> tuple[str, str]:
+    "(importance, score function) for one call of `layer`'s router."
+    if weights is None: return self.importance, "softmax"   # logits only: a softmax router, as transformers' v4 ones
+    if layer.routes_by_token: return ("selection" if self.importance == "gate" else self.importance), "hash"
+    if layer.index in self._settled: score_fn = self._settled[layer.index]
+    else:
+        misfit = _misfits(logits, weights, index)
+        fits = [n for n in misfit if misfit[n] < _FIT_TOL]
+        score_fn = min(fits, key=misfit.get) if fits else None
+        self._note_departure(layer, selection_departure(logits, index))
+        if misfit and len(fits) <= 1:   # a clear answer: later calls skip the check and its device-to-host copies
+            self._settled[layer.index] = score_fn
+    if score_fn is None and self.importance == "gate":
+        raise EPnGError(f"the router of MoE layer {layer.index} ({type(layer.router).__name__}) weighs its chosen "
+                        f"experts by none of {list(SCORE_FUNCTIONS)} of its logits, so its gate probabilities are "
+                        "unknown: use importance='selection' or 'weight'.")
+    return self.importance, score_fn or "unknown"
+
+@patch
+def _note_departure(self: GateCollector, layer: MoELayer, departure: float):
+    self.departures[layer.index] = departure
+    if self.importance == "gate" and departure > 0.01 and not self._warned:
+        self._warned = True
+        warnings.warn(f"the router of MoE layer {layer.index} ({type(layer.router).__name__}) chooses other experts "
+                      f"than the top-k of its scores for {departure:.0%} of tokens (a correction bias or group "
+                      "limit): importance='gate' ranks experts by what the router scores, importance='selection' "
+                      "by what it chooses.", stacklevel=2)
+
 # %% ../nbs/04_gates.ipynb #25bf3719
 def label_expert_axes(ax, title: str = "") -> None:
     "Label a (layers × experts) picture: experts across, MoE layers down, whole-number ticks only."
+    from matplotlib.ticker import MaxNLocator
     ax.set_xlabel("expert"); ax.set_ylabel("MoE layer"); ax.set_title(title)
     for axis in (ax.xaxis, ax.yaxis): axis.set_major_locator(MaxNLocator(integer=True))
 
 def plot_expert_heatmap(values: torch.Tensor, title: str = "", ax=None, cmap: str = "viridis", label: str = "",
                         **imshow_kwargs):
     "Draw a (layers × experts) tensor as a heatmap; returns the axes."
+    import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(min(12, 2 + 0.18 * values.shape[1]), 1 + 0.3 * values.shape[0]))
     img = ax.imshow(values.detach().float().cpu().numpy(), aspect="auto", cmap=cmap, interpolation="nearest",
                     **imshow_kwargs)
@@ -223,6 +231,7 @@ def domain_gate_means(model, tokenizer, rows: list[dict], batch_size: int = 16, 
     finally: tokenizer.padding_side = side
     return means
 
+# %% ../nbs/04_gates.ipynb #7450aed1
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     "Jensen–Shannon divergence (nats, at most ln 2) between distributions along the last dimension."
     m = (p + q) / 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import torch
 from torch import nn
+from fastcore.basics import patch
 from .moe import EPnGError, UnsupportedExpertsError, MoELayer, find_moe_layers
 from .gates import GateCollector
 from .importance import ExpertImportance
@@ -59,70 +60,81 @@ class EPnGHandle:
         "Keep `optimizer`'s state in step with every prune and grow (drop pruned, zero new, keep the rest)."
         self.optimizer = optimizer
 
-    def _check(self, layer: int, expert: int) -> ExpertLoRA:
-        L, E = len(self.layers), self.layers[0].num_experts
-        if not (isinstance(layer, int) and 0 <= layer < L):
-            raise EPnGError(f"MoE layer {layer!r} does not exist: this model has {L} MoE layers, numbered 0..{L - 1}.")
-        if not (isinstance(expert, int) and 0 <= expert < E):
-            raise EPnGError(f"expert {expert!r} does not exist: each MoE layer has {E} experts, numbered 0..{E - 1}.")
-        return self.loras[layer]
+# %% ../nbs/10_handle.ipynb #cbd4d6aa
+@patch
+def _check(self: EPnGHandle, layer: int, expert: int) -> ExpertLoRA:
+    L, E = len(self.layers), self.layers[0].num_experts
+    if not (isinstance(layer, int) and 0 <= layer < L):
+        raise EPnGError(f"MoE layer {layer!r} does not exist: this model has {L} MoE layers, numbered 0..{L - 1}.")
+    if not (isinstance(expert, int) and 0 <= expert < E):
+        raise EPnGError(f"expert {expert!r} does not exist: each MoE layer has {E} experts, numbered 0..{E - 1}.")
+    return self.loras[layer]
 
-    def prune(self, layer: int, expert: int) -> None:
-        "Remove the LoRA of `expert` in MoE layer `layer` (rank → 0)."
-        prune_experts(self._check(layer, expert), [expert], self.optimizer)
+@patch
+def prune(self: EPnGHandle, layer: int, expert: int) -> None:
+    "Remove the LoRA of `expert` in MoE layer `layer` (rank → 0)."
+    prune_experts(self._check(layer, expert), [expert], self.optimizer)
 
-    def grow(self, layer: int, expert: int, n: int, generator: torch.Generator | None = None) -> None:
-        "Add `n` orthogonally initialised ranks to `expert` in MoE layer `layer` (new rows drawn from `generator`)."
-        lora = self._check(layer, expert)
-        if not (isinstance(n, int) and n >= 1): raise EPnGError(f"grow needs a whole number of ranks >= 1, got {n!r}")
-        if int(lora.ranks[expert]) + n > self.max_rank:
-            raise EPnGError(f"growing expert ({layer}, {expert}) by {n} passes max_rank={self.max_rank}.")
-        grow_experts(lora, [expert], [n], self.optimizer, generator)
+@patch
+def grow(self: EPnGHandle, layer: int, expert: int, n: int, generator: torch.Generator | None = None) -> None:
+    "Add `n` orthogonally initialised ranks to `expert` in MoE layer `layer` (new rows drawn from `generator`)."
+    lora = self._check(layer, expert)
+    if not (isinstance(n, int) and n >= 1): raise EPnGError(f"grow needs a whole number of ranks >= 1, got {n!r}")
+    if int(lora.ranks[expert]) + n > self.max_rank:
+        raise EPnGError(f"growing expert ({layer}, {expert}) by {n} passes max_rank={self.max_rank}.")
+    grow_experts(lora, [expert], [n], self.optimizer, generator)
 
-    def factors(self, layer: int, expert: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
-        "The active `(A: r × in, B: out × r)` of one expert's target projection (detached views)."
-        lora = self._check(layer, expert)
-        if target not in lora.shapes:
-            raise EPnGError(f"target {target!r} has no LoRA here: the adapted targets are {list(lora.shapes)}.")
-        r = int(lora.ranks[expert])
-        return lora.A[target].detach()[expert, :r], lora.B[target].detach()[expert, :, :r]
+@patch
+def factors(self: EPnGHandle, layer: int, expert: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    "The active `(A: r × in, B: out × r)` of one expert's target projection (detached views)."
+    lora = self._check(layer, expert)
+    if target not in lora.shapes:
+        raise EPnGError(f"target {target!r} has no LoRA here: the adapted targets are {list(lora.shapes)}.")
+    r = int(lora.ranks[expert])
+    return lora.A[target].detach()[expert, :r], lora.B[target].detach()[expert, :, :r]
 
-    def plan(self, prune: bool = True, grow: bool = True, delta: int | None = None) -> CyclePlan:
-        "This cycle's plan from the importance gathered so far (nothing is changed)."
-        return plan_cycle(self.importance.mean(), self.ranks, self.config.alpha, self.config.beta,
-                          max_rank=self.max_rank, prune=prune, grow=grow, delta=delta)
+# %% ../nbs/10_handle.ipynb #7adecd73
+@patch
+def plan(self: EPnGHandle, prune: bool = True, grow: bool = True, delta: int | None = None) -> CyclePlan:
+    "This cycle's plan from the importance gathered so far (nothing is changed)."
+    return plan_cycle(self.importance.mean(), self.ranks, self.config.prune_ratio, self.config.grow_ratio,
+                      max_rank=self.max_rank, prune=prune, grow=grow, delta=delta)
 
-    def apply(self, plan: CyclePlan, generator: torch.Generator | None = None) -> None:
-        "Carry out `plan`: prune, then grow (new A rows drawn from `generator`, the global RNG if None)."
-        if not torch.equal(plan.ranks_before, self.ranks):
-            raise EPnGError("this plan was made for other ranks than the model has now: make a new plan.")
-        grown = plan.added > 0
-        if grown.any() and int((plan.ranks_before + plan.added)[grown].max()) > self.max_rank:
-            raise EPnGError(f"this plan grows an expert past max_rank={self.max_rank}: make it with that max_rank.")
-        for layer, lora in enumerate(self.loras):   # one batch per layer: a cycle touches dozens of experts
-            if plan.pruned[layer].any(): prune_experts(lora, plan.pruned[layer].nonzero().flatten().tolist(), self.optimizer)
-        for layer, lora in enumerate(self.loras):
-            experts = grown[layer].nonzero().flatten().tolist()
-            if experts: grow_experts(lora, experts, plan.added[layer, experts].tolist(), self.optimizer, generator)
+@patch
+def apply(self: EPnGHandle, plan: CyclePlan, generator: torch.Generator | None = None) -> None:
+    "Carry out `plan`: prune, then grow (new A rows drawn from `generator`, the global RNG if None)."
+    if not torch.equal(plan.ranks_before, self.ranks):
+        raise EPnGError("this plan was made for other ranks than the model has now: make a new plan.")
+    grown = plan.added > 0
+    if grown.any() and int((plan.ranks_before + plan.added)[grown].max()) > self.max_rank:
+        raise EPnGError(f"this plan grows an expert past max_rank={self.max_rank}: make it with that max_rank.")
+    for layer, lora in enumerate(self.loras):   # one batch per layer: a cycle touches dozens of experts
+        if plan.pruned[layer].any(): prune_experts(lora, plan.pruned[layer].nonzero().flatten().tolist(), self.optimizer)
+    for layer, lora in enumerate(self.loras):
+        experts = grown[layer].nonzero().flatten().tolist()
+        if experts: grow_experts(lora, experts, plan.added[layer, experts].tolist(), self.optimizer, generator)
 
-    def cycle(self, generator: torch.Generator | None = None, **plan_kwargs) -> CyclePlan:
-        "One prune-and-grow cycle: plan from importance, apply, decay the statistics by λ."
-        plan = self.plan(**plan_kwargs)
-        self.apply(plan, generator)
-        self.importance.decay(self.config.decay)
-        return plan
+@patch
+def cycle(self: EPnGHandle, generator: torch.Generator | None = None, **plan_kwargs) -> CyclePlan:
+    "One prune-and-grow cycle: plan from importance, apply, decay the statistics by λ."
+    plan = self.plan(**plan_kwargs)
+    self.apply(plan, generator)
+    self.importance.decay(self.config.importance_decay)
+    return plan
 
-    def merged_model(self) -> nn.Module:
-        "A copy of the model with every ΔW merged into the expert weights: plain transformers, no epng code needed."
-        self.collector.remove()
-        try: merged = copy.deepcopy(self.model)
-        finally: self.collector = GateCollector(self.model, self.layers, self.importance.add,
-                                               importance=self.config.importance)
-        layers = find_moe_layers(merged)
-        for layer in layers: merge_expert_lora(layer)
-        set_experts_implementation(merged, layers, self.base_implementation or "grouped_mm")
-        merged.requires_grad_(True)
-        return merged
+# %% ../nbs/10_handle.ipynb #d98df439
+@patch
+def merged_model(self: EPnGHandle) -> nn.Module:
+    "A copy of the model with every ΔW merged into the expert weights: plain transformers, no epng code needed."
+    self.collector.remove()
+    try: merged = copy.deepcopy(self.model)
+    finally: self.collector = GateCollector(self.model, self.layers, self.importance.add,
+                                           importance=self.config.importance)
+    layers = find_moe_layers(merged)
+    for layer in layers: merge_expert_lora(layer)
+    set_experts_implementation(merged, layers, self.base_implementation or "grouped_mm")
+    merged.requires_grad_(True)
+    return merged
 
 # %% ../nbs/10_handle.ipynb #b03e1e12
 def attach(model: nn.Module, config: EPnGConfig | None = None) -> EPnGHandle:

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from .moe import EPnGError
 
 # %% auto #0
-__all__ = ['STATE_FORMAT', 'STATE_VERSION', 'MAX_STATE_JSON', 'write_safetensors', 'atomic_save_torch', 'atomic_write_json',
-           'atomic_dir', 'is_stale_temporary', 'remove_stale_temporaries', 'StateFileError', 'flatten_state',
-           'unflatten_state', 'save_state', 'load_state']
+__all__ = ['STATE_FORMAT', 'STATE_VERSION', 'MAX_STATE_JSON', 'write_safetensors', 'atomic_write_json', 'atomic_dir',
+           'is_stale_temporary', 'remove_stale_temporaries', 'StateFileError', 'flatten_state', 'unflatten_state',
+           'save_state', 'load_state']
 
 # %% ../nbs/01_io.ipynb #dd3af9f6
 def _fsync_dir(path: Path) -> None:
@@ -39,6 +39,7 @@ def _umask() -> int:
     mask = os.umask(0o022); os.umask(mask)
     return mask
 
+# %% ../nbs/01_io.ipynb #6589a0e6
 _IN_THE_WAY = ("a file is in the way", "move it")
 _SAVE_FAILURES = {errno.ENOSPC: ("disk full (no space left on device)", "free some space"),
                   errno.EDQUOT: ("disk quota exceeded", "free some space"),
@@ -60,6 +61,7 @@ def _save_failure(e: BaseException) -> OSError | None:
     if isinstance(e, EPnGError) and isinstance(e.__cause__, OSError): return e.__cause__
     return None
 
+# %% ../nbs/01_io.ipynb #4587eefc
 @contextlib.contextmanager
 def _atomic_file(path):
     "Yield a temporary path next to `path`; on success fsync it and rename it over `path`, on error delete it."
@@ -80,6 +82,7 @@ def _atomic_file(path):
         if (cause := _save_failure(e)) is not None: raise _write_error(path.parent, cause) from cause
         raise
 
+# %% ../nbs/01_io.ipynb #2ec093d6
 def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path:
     """`safetensors.save_file` of contiguous CPU copies, tensors that share storage (tied weights, which safetensors
     refuses) each written as their own; an OS failure is raised as `OSError` (a full disk reaches it as text); the file
@@ -95,11 +98,6 @@ def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path
         if code: raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
         raise
     os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600
-    return Path(path)
-
-def atomic_save_torch(obj, path) -> Path:
-    "`torch.save(obj)` to `path` atomically: a reader sees the old file or the complete new one."
-    with _atomic_file(path) as tmp: torch.save(obj, tmp)
     return Path(path)
 
 def atomic_write_json(obj, path) -> Path:
@@ -193,6 +191,7 @@ def flatten_state(state) -> tuple[dict, object]:
         raise EPnGError(f"cannot save a {type(x).__name__} at {path!r}: a state holds tensors and JSON values only.")
     return tensors, walk(state, "")
 
+# %% ../nbs/01_io.ipynb #76e9e6dc
 def unflatten_state(tensors: dict, skeleton, source: str = "the state") -> object:
     "Inverse of `flatten_state`, checking that each reference names a tensor of its dtype and shape, each used once."
     used = set()

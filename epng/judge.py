@@ -88,6 +88,7 @@ class OpenAIJudge:
         except (KeyError, IndexError, TypeError):
             raise EPnGError(f"the judge endpoint's reply is not a chat completion: {str(body)[:300]}") from None
 
+# %% ../nbs/14b_judge.ipynb #76c75adb
 def judge_pair(judge: Judge, question: str, response_a: str, response_b: str, preference: str | None = None,
                swap: bool = True) -> dict:
     "The judge's verdict on (A, B); with `swap`, asked in both orders and a winner only when both orders agree."

@@ -9,7 +9,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 import torch
 import torch.distributed as dist
-import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from transformers import TrainerCallback
 from .moe import EPnGError
@@ -20,6 +19,7 @@ from .growth import grow_capacity, rank_limit
 from .lora import round_up
 from .io import StateFileError, atomic_dir, load_state, save_state
 from .compat import moved_names
+from .compat import renamed_arguments
 
 # %% auto #0
 __all__ = ['LORA_METHODS', 'METHODS', 'EPNG_STATE', 'OLD_EPNG_STATE', 'OLD_FORMAT_HINT', 'GROUP_COLORS', 'GROUP_NAMES',
@@ -38,13 +38,15 @@ def check_method(method: str, allowed: tuple = METHODS) -> str:
         raise EPnGError(f"unknown method {method!r}: choose one of {list(allowed)}")
     return method
 
-def is_cycle_step(step: int, warmup_steps: int, interval: int, max_steps: int | None = None) -> bool:
+@renamed_arguments(interval="cycle_interval")
+def is_cycle_step(step: int, warmup_steps: int, cycle_interval: int, max_steps: int | None = None) -> bool:
     "Does a prune-and-grow cycle follow optimizer step `step` (1-based)? Algorithm 1, no cycle on the last step."
-    return step >= max(warmup_steps, 1) and step % interval == 0 and (max_steps is None or step < max_steps)
+    return step >= max(warmup_steps, 1) and step % cycle_interval == 0 and (max_steps is None or step < max_steps)
 
-def cycle_steps(max_steps: int, warmup_steps: int, interval: int) -> list[int]:
+@renamed_arguments(interval="cycle_interval")
+def cycle_steps(max_steps: int, warmup_steps: int, cycle_interval: int) -> list[int]:
     "Every step after which a cycle runs."
-    return [s for s in range(1, max_steps + 1) if is_cycle_step(s, warmup_steps, interval, max_steps)]
+    return [s for s in range(1, max_steps + 1) if is_cycle_step(s, warmup_steps, cycle_interval, max_steps)]
 
 # %% ../nbs/11_loop.ipynb #c32d57c8
 def world_size() -> int:
@@ -63,7 +65,7 @@ def cycle_generator(seed: int, step: int) -> torch.Generator:
 
 def grow_only_delta(config) -> int:
     "Grow-only's Δr: the ranks one grown expert receives on average in EPnG, round(r0 · α / β)."
-    return max(1, round(config.rank * config.alpha / config.beta))
+    return max(1, round(config.rank * config.prune_ratio / config.grow_ratio))
 
 # %% ../nbs/11_loop.ipynb #fcf945a0
 @dataclass
@@ -117,15 +119,16 @@ def check_controller_state(state, handle: EPnGHandle) -> None:
         for k, kinds in (("importance", "f"), ("pruned", "b"), ("added", "i"), ("ranks", "i")):
             if (problem := _tensor_problem(r[k], shape, kinds)): damaged(f"cycle record {i}'s {k} is {problem}")
 
+# %% ../nbs/11_loop.ipynb #f804af25
 class EPnGController:
     "Algorithm 1's schedule around an `EPnGHandle`: call `step_end(step, optimizer)` after every optimizer step."
     def __init__(self, handle: EPnGHandle, method: str = "epng", max_steps: int | None = None, seed: int = 0):
         self.handle, self.method = handle, check_method(method, LORA_METHODS)
         self.max_steps, self.seed, self.history = max_steps, seed, []
         cfg = handle.config
-        if method != "static" and max_steps is not None and not cycle_steps(max_steps, cfg.warmup_steps, cfg.interval):
+        if method != "static" and max_steps is not None and not cycle_steps(max_steps, cfg.warmup_steps, cfg.cycle_interval):
             warnings.warn(f"no prune-and-grow cycle will run: max_steps={max_steps} ends before a step >= warmup_steps="
-                          f"{cfg.warmup_steps} that is a multiple of interval={cfg.interval}; this trains static LoRA.")
+                          f"{cfg.warmup_steps} that is a multiple of cycle_interval={cfg.cycle_interval}; this trains static LoRA.")
 
     @property
     def plan_kwargs(self) -> dict:
@@ -134,7 +137,7 @@ class EPnGController:
 
     def is_cycle_step(self, step: int) -> bool:
         cfg = self.handle.config
-        return self.method != "static" and is_cycle_step(step, cfg.warmup_steps, cfg.interval, self.max_steps)
+        return self.method != "static" and is_cycle_step(step, cfg.warmup_steps, cfg.cycle_interval, self.max_steps)
 
     def step_end(self, step: int, optimizer=None) -> CycleRecord | None:
         "Run the cycle that follows optimizer step `step`, if there is one; keeps `optimizer` in step."
@@ -205,6 +208,7 @@ def restore_ranks(handle: EPnGHandle, ranks: torch.Tensor, capacity: int, method
     reserve_capacity(handle, capacity)
     for lora, row in zip(handle.loras, ranks): lora.ranks.copy_(row)
 
+# %% ../nbs/11_loop.ipynb #f68bd15a
 def read_trainer_checkpoint(folder) -> dict:
     "The epng state EPnGCallback saved in the Trainer checkpoint `folder`; `EPnGError` says why if it is not there."
     folder = Path(folder)
@@ -240,6 +244,7 @@ def complete_trainer_checkpoint(path) -> tuple[Path, dict]:
                             f"restore() the output folder {path.parent} and it picks it.") from None
         raise
 
+# %% ../nbs/11_loop.ipynb #1c174b44
 class EPnGCallback(TrainerCallback):
     "Runs EPnG inside `transformers.Trainer` (and TRL's `SFTTrainer`), editing the Trainer's own optimizer."
     def __init__(self, handle: EPnGHandle, method: str = "epng", seed: int = 0, distributed_max_rank: int | None = None):
@@ -289,6 +294,7 @@ def cycle_tables(history: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 def plot_cycle_history(history: list, rank: int, figsize=(12, 3.2)):
     "The paper's Fig. 4: prune ratio and grow ratio per layer and cycle, and the final rank map (blue < r0 < green)."
+    import matplotlib.pyplot as plt
     if not history: raise EPnGError("no cycle has run yet: nothing to plot (is max_steps past warmup_steps?)")
     pruned, grown = cycle_tables(history)
     fig, axes = plt.subplots(1, 3, figsize=figsize, gridspec_kw=dict(width_ratios=[1, 1, 1.6]))
@@ -325,6 +331,7 @@ GROUP_NAMES = ["middle", "top, shared", "top, unique", "bottom, shared", "bottom
 
 def plot_importance_shift(before: torch.Tensor, after: torch.Tensor, share: float = 0.2, figsize=(11, 4)):
     "The paper's Fig. 6: two (layers × experts) maps, base model above, fine-tuned below, top/bottom `share` coloured."
+    import matplotlib.pyplot as plt
     cb, ca = importance_groups(before, after, share)
     fig, axes = plt.subplots(2, 1, figsize=figsize, sharex=True)
     for ax, codes, title in [(axes[0], cb, "base model"), (axes[1], ca, "fine-tuned")]:
@@ -338,6 +345,7 @@ def plot_importance_shift(before: torch.Tensor, after: torch.Tensor, share: floa
 # %% ../nbs/11_loop.ipynb #701dc943
 def plot_losses(curves: dict, cycle_steps: list | None = None, smooth: int = 1, ax=None):
     "Loss curves `{name: [loss per step]}` (moving average over `smooth` steps), cycle steps dotted."
+    import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(6, 3))
     for name, losses in curves.items():
         t = torch.tensor(losses, dtype=torch.float64)

@@ -4,16 +4,17 @@
 
 # %% ../nbs/08_lora.ipynb #5b83710c
 from __future__ import annotations
-import math
+import math, warnings
 import torch
 from torch import nn
+from fastcore.basics import patch
 from .compat import (apply_gate, grouped_experts_forward, grouped_linear, register_experts_function,
                          set_experts_implementation)
 from .moe import MoELayer, EPnGError
 
 # %% auto #0
-__all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'block_diagonal', 'AddIntoColumns', 'ExpertLoRA',
-           'expert_offsets', 'epng_experts_forward', 'lora_dtype', 'install_expert_lora', 'merge_expert_lora']
+__all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'ExpertLoRA', 'expert_offsets', 'AddIntoColumns',
+           'epng_experts_forward', 'lora_dtype', 'install_expert_lora', 'merge_expert_lora', 'block_diagonal']
 
 # %% ../nbs/08_lora.ipynb #e0ea4f78
 def kaiming_rows(*shape: int, dtype=torch.float32, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -27,38 +28,16 @@ def round_up(n: int, multiple: int = 8) -> int:
     "Smallest multiple of `multiple` >= n (rank storage stays 16-byte aligned for grouped matmuls)."
     return max(multiple, -(-n // multiple) * multiple)
 
-# %% ../nbs/08_lora.ipynb #08f66f93
+# %% ../nbs/08_lora.ipynb #d9234420
 OUTPUT_BLOCK = {"gate_proj": 0, "up_proj": 1, "down_proj": 0}  # where a target's rows sit in its fused weight's output
 
-def block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
-    "Per-expert block-diagonal stack of (E, out_k, R) factors: (E, Σ out_k, n·R); one block is returned as it is."
-    if len(blocks) == 1: return blocks[0]
-    rows = [torch.cat([b if j == k else b.new_zeros(b.shape) for j in range(len(blocks))], dim=2)
-            for k, b in enumerate(blocks)]
-    return torch.cat(rows, dim=1)
-
-class AddIntoColumns(torch.autograd.Function):
-    """`out[:, cols] += part` in place. The backward hands `out`'s gradient on as it is and `part` its columns of it, a
-    view; autograd's own in-place add into a column slice would copy the whole gradient (see below)."""
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, cols: slice, part: torch.Tensor) -> torch.Tensor:
-        out[:, cols].add_(part)
-        ctx.mark_dirty(out)
-        ctx.cols = cols
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None, grad[:, ctx.cols]
-
-# %% ../nbs/08_lora.ipynb #d9234420
 class ExpertLoRA(nn.Module):
     "LoRA factors of all experts of one MoE layer; expert e uses the first `ranks[e]` of the padded rank slots."
     def __init__(self, num_experts: int, shapes: dict, rank: int, scaling: float, dtype=torch.float32, device=None):
         super().__init__()
         self.shapes, self.scaling = dict(shapes), scaling
-        self.per_token_a = None  # None: decide by device and width (token_level_a); True/False to force
-        self.one_b = None        # None: decide by device (one_grouped_b); True/False to force
+        self.per_token_a = None  # the fast-path switches (appendix): None = decide by device, True/False = force
+        self.grouped_b = None
         self.register_buffer("ranks", torch.full((num_experts,), rank, dtype=torch.long, device=device))
         capacity = round_up(rank)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
@@ -79,57 +58,20 @@ class ExpertLoRA(nn.Module):
         "The adapted targets among gate_proj and up_proj, in gate_up_proj's row order."
         return tuple(t for t in ("gate_proj", "up_proj") if t in self.shapes)
 
-    def live(self, expert_ids: torch.Tensor, dtype) -> torch.Tensor:
-        "(rows, capacity) 0/1 mask: the rank slots in use by each routed row's expert."
-        slots = torch.arange(self.capacity, device=expert_ids.device)
-        return (slots < self.ranks[expert_ids, None]).to(dtype)
-
-    def add_delta(self, out: torch.Tensor, targets: tuple, x: torch.Tensor, offsets: torch.Tensor, live: torch.Tensor,
-                  tokens: tuple | None = None) -> torch.Tensor:
-        """Add s·B_e A_e x of each of `targets` (all reading the rows `x`) to its columns of `out`, in place.
-        A is stacked so that one matmul projects every target. B either writes each target's own columns (only one
-        target's output exists beside `out` at a time) or, when the targets fill `out` and `one_grouped_b` says so,
-        is one block-diagonal weight whose output is added to all of `out` at once. With `tokens = (hidden_states,
-        token_of_row, expert_of_row)` the A projection runs once per token for all experts (one dense matmul) and
-        each row gathers its expert's part."""
-        a = torch.cat([self.A[t] for t in targets], dim=1).to(x.dtype)            # (E, n·R, in)
-        if tokens is None: u = grouped_linear(x, a, offsets)                      # (S, n·R)
-        else:
-            hidden, token_of_row, expert_of_row = tokens
-            per_token = hidden @ a.flatten(0, 1).T                                  # (T, E·n·R)
-            u = per_token.view(hidden.shape[0], a.shape[0], a.shape[1])[token_of_row, expert_of_row]
-        u = u * (self.scaling * live.repeat(1, len(targets)))                      # scaled here: u is small
-        fills_out = sum(self.shapes[t][1] for t in targets) == out.shape[1]
-        if fills_out and (len(targets) == 1 or self.one_grouped_b(x.device)):
-            b = block_diagonal([self.B[t] for t in targets]).to(x.dtype)            # (E, Σ out, n·R)
-            return out.add_(grouped_linear(u, b, offsets))
-        R = self.capacity
-        for k, target in enumerate(targets):  # one target's output at a time beside `out`
-            part = grouped_linear(u[:, k * R:(k + 1) * R], self.B[target].to(x.dtype), offsets)
-            out = AddIntoColumns.apply(out, self.output_rows(target), part)  # weight rows = activation columns
-        return out
-
     def output_rows(self, target: str) -> slice:
         "Where `target`'s outputs sit in its fused weight: gate rows first in `gate_up_proj`, all of `down_proj`."
         width = self.shapes[target][1]
         return slice(OUTPUT_BLOCK[target] * width, (OUTPUT_BLOCK[target] + 1) * width)
 
-    def one_grouped_b(self, device: torch.device) -> bool:
-        "All targets' B as one block-diagonal grouped matmul and one whole-tensor add? On GPUs (see the text above)."
-        return self.one_b if self.one_b is not None else device.type == "cuda"
-
-    def token_level_a(self, device: torch.device, width: int) -> bool:
-        "Project A per token (not per routed row)? On GPUs while E·`width` (width = n·R) is at most 2048 columns."
-        if self.per_token_a is not None: return self.per_token_a
-        return device.type == "cuda" and self.num_experts * width <= 2048
-
-    def delta_weight(self, target: str, expert: int) -> torch.Tensor:
-        "ΔW = s · B A of one expert, (out, in)."
-        r = int(self.ranks[expert])
-        return self.scaling * self.B[target][expert, :, :r] @ self.A[target][expert, :r]
-
     def extra_repr(self) -> str:
         return f"targets={list(self.shapes)}, experts={self.num_experts}, capacity={self.capacity}, scaling={self.scaling}"
+
+# %% ../nbs/08_lora.ipynb #330e849b
+@patch
+def live(self: ExpertLoRA, expert_ids: torch.Tensor, dtype) -> torch.Tensor:
+    "(rows, capacity) 0/1 mask: the rank slots in use by each routed row's expert."
+    slots = torch.arange(self.capacity, device=expert_ids.device)
+    return (slots < self.ranks[expert_ids, None]).to(dtype)
 
 # %% ../nbs/08_lora.ipynb #cc604353
 def expert_offsets(sorted_expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -138,6 +80,54 @@ def expert_offsets(sorted_expert_ids: torch.Tensor, num_experts: int) -> torch.T
     counts = torch.histc(counts_input, bins=num_experts, min=0, max=num_experts - 1)
     return torch.cumsum(counts, dim=0, dtype=torch.int32)
 
+# %% ../nbs/08_lora.ipynb #08f66f93
+class AddIntoColumns(torch.autograd.Function):
+    """`out[:, cols] += part` in place. The backward hands `out`'s gradient on as it is and `part` its columns of it, a
+    view; autograd's own in-place add into a column slice would copy the whole gradient (see the appendix)."""
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, cols: slice, part: torch.Tensor) -> torch.Tensor:
+        out[:, cols].add_(part)
+        ctx.mark_dirty(out)
+        ctx.cols = cols
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, grad[:, ctx.cols]
+
+# %% ../nbs/08_lora.ipynb #abfabddb
+@patch
+def _use_grouped_b(self: ExpertLoRA, device: torch.device) -> bool:
+    "All targets' B as one block-diagonal grouped matmul and one whole-tensor add? `grouped_b`, else on GPUs."
+    return self.grouped_b if self.grouped_b is not None else device.type == "cuda"
+
+@patch
+def _use_per_token_a(self: ExpertLoRA, device: torch.device, width: int) -> bool:
+    "Project A per token? `per_token_a`, else on GPUs while E·`width` (width = n·R) is at most 2048 columns."
+    if self.per_token_a is not None: return self.per_token_a
+    return device.type == "cuda" and self.num_experts * width <= 2048
+
+# %% ../nbs/08_lora.ipynb #f4b22a9d
+@patch
+def add_delta(self: ExpertLoRA, out: torch.Tensor, targets: tuple, x: torch.Tensor, offsets: torch.Tensor,
+              live: torch.Tensor, tokens: tuple | None = None) -> torch.Tensor:
+    """Add s·B_e A_e x of each of `targets` (all reading the rows `x`) to its columns of `out`, in place.
+    A is stacked so that one matmul projects every target; each B adds into its own columns, one target's output
+    beside `out` at a time. `tokens = (hidden_states, token_of_row, expert_of_row)` projects A once per token, and
+    `grouped_b` may make all B one block-diagonal matmul (both in the appendix)."""
+    a = torch.cat([self.A[t] for t in targets], dim=1).to(x.dtype)             # (E, n·R, in)
+    u = grouped_linear(x, a, offsets) if tokens is None else self._per_token_u(a, tokens)   # (S, n·R)
+    u = u * (self.scaling * live.repeat(1, len(targets)))                       # scaled here: u is small
+    if sum(self.shapes[t][1] for t in targets) == out.shape[1]:                 # B's outputs fill `out`
+        if len(targets) == 1: return out.add_(grouped_linear(u, self.B[targets[0]].to(x.dtype), offsets))
+        if self._use_grouped_b(x.device): return self._add_grouped_b(out, targets, u, offsets)
+    R = self.capacity
+    for k, target in enumerate(targets):  # one target's output at a time beside `out`
+        part = grouped_linear(u[:, k * R:(k + 1) * R], self.B[target].to(x.dtype), offsets)
+        out = AddIntoColumns.apply(out, self.output_rows(target), part)  # weight rows = activation columns
+    return out
+
+# %% ../nbs/08_lora.ipynb #8e1d0c4a
 def epng_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     "transformers' grouped experts forward plus per-expert LoRA (`self.epng_lora`) and/or expert deltas (`self.epng_esft`)."
@@ -153,7 +143,7 @@ def epng_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
 
     gate_up = grouped_linear(x, self.gate_up_proj, offsets)
     if lora is not None and lora.gate_up_targets:
-        per_token = lora.token_level_a(x.device, len(lora.gate_up_targets) * lora.capacity)
+        per_token = lora._use_per_token_a(x.device, len(lora.gate_up_targets) * lora.capacity)
         # in place: the grouped matmul's backward does not need its output
         gate_up = lora.add_delta(gate_up, lora.gate_up_targets, x, offsets, live,
                                  (hidden_states, token_of_row, expert_ids) if per_token else None)
@@ -193,6 +183,12 @@ def install_expert_lora(model: nn.Module, layers: list[MoELayer], config) -> lis
     return loras
 
 # %% ../nbs/08_lora.ipynb #71adab33
+@patch
+def delta_weight(self: ExpertLoRA, target: str, expert: int) -> torch.Tensor:
+    "ΔW = s · B A of one expert, (out, in)."
+    r = int(self.ranks[expert])
+    return self.scaling * self.B[target][expert, :, :r] @ self.A[target][expert, :r]
+
 @torch.no_grad()
 def merge_expert_lora(layer: MoELayer) -> None:
     "Add s·BA of every expert into `layer`'s fused weights and remove its `epng_lora`."
@@ -202,3 +198,54 @@ def merge_expert_lora(layer: MoELayer) -> None:
         for e in range(lora.num_experts):
             weight[e, rows] += lora.delta_weight(target, e).to(weight.dtype)
     del experts.epng_lora
+
+# %% ../nbs/08_lora.ipynb #6931cc8e
+@patch
+def _per_token_u(self: ExpertLoRA, a: torch.Tensor, tokens: tuple) -> torch.Tensor:
+    "u of every routed row from one dense matmul of all tokens with all experts' stacked A (E, n·R, in)."
+    hidden, token_of_row, expert_of_row = tokens
+    per_token = hidden @ a.flatten(0, 1).T                                  # (T, E·n·R)
+    return per_token.view(hidden.shape[0], a.shape[0], a.shape[1])[token_of_row, expert_of_row]
+
+# %% ../nbs/08_lora.ipynb #3c40a852
+def block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
+    "Per-expert block-diagonal stack of (E, out_k, R) factors: (E, Σ out_k, n·R); one block is returned as it is."
+    if len(blocks) == 1: return blocks[0]
+    rows = [torch.cat([b if j == k else b.new_zeros(b.shape) for j in range(len(blocks))], dim=2)
+            for k, b in enumerate(blocks)]
+    return torch.cat(rows, dim=1)
+
+@patch
+def _add_grouped_b(self: ExpertLoRA, out: torch.Tensor, targets: tuple, u: torch.Tensor,
+                   offsets: torch.Tensor) -> torch.Tensor:
+    "All targets' B as one block-diagonal weight (E, Σ out, n·R): one grouped matmul, one add to all of `out`."
+    b = block_diagonal([self.B[t] for t in targets]).to(u.dtype)
+    return out.add_(grouped_linear(u, b, offsets))
+
+# %% ../nbs/08_lora.ipynb #9401be69
+def _renamed_switch(old: str, new: str) -> property:
+    "A property `old` that reads and writes the attribute `new`, with a DeprecationWarning."
+    message = f"ExpertLoRA.{old} is now ExpertLoRA.{new} ({old} goes in the next release)."
+    def get(self):
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+    def set(self, value):
+        warnings.warn(message, DeprecationWarning, stacklevel=3)   # called through nn.Module.__setattr__
+        setattr(self, new, value)
+    return property(get, set, doc=f"Deprecated: use `{new}`.")
+
+ExpertLoRA.one_b = _renamed_switch("one_b", "grouped_b")
+
+@patch
+def one_grouped_b(self: ExpertLoRA, device: torch.device) -> bool:
+    "Deprecated: whether the B's run as one block-diagonal matmul on `device`; set `grouped_b` to force."
+    warnings.warn("ExpertLoRA.one_grouped_b() goes in the next release: set ExpertLoRA.grouped_b to choose.",
+                  DeprecationWarning, stacklevel=2)
+    return self._use_grouped_b(device)
+
+@patch
+def token_level_a(self: ExpertLoRA, device: torch.device, width: int) -> bool:
+    "Deprecated: whether A is projected per token on `device`; set `per_token_a` to force."
+    warnings.warn("ExpertLoRA.token_level_a() goes in the next release: set ExpertLoRA.per_token_a to choose.",
+                  DeprecationWarning, stacklevel=2)
+    return self._use_per_token_a(device, width)

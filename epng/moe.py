@@ -142,6 +142,7 @@ def _find_router(block: nn.Module, experts: nn.Module, num_experts: int, hidden:
 def _routes_by_token(router: nn.Module) -> bool:
     return "input_ids" in inspect.signature(router.forward).parameters
 
+# %% ../nbs/00_moe.ipynb #6f7f5172
 def _top_k(router: nn.Module, config, name: str) -> int:
     "Experts per token: the router's `top_k`, else the config's, under the names transformers configs use for it."
     for owner, attr in [(router, "top_k"), *((config, a) for a in ("num_experts_per_tok", "top_k_experts", "moe_topk"))]:
@@ -158,6 +159,7 @@ def _other_experts(model: nn.Module) -> list[str]:
 def _find_shared_expert(block: nn.Module):
     return next((m for n, m in block.named_children() if "shared" in n and not n.endswith("gate")), None)
 
+# %% ../nbs/00_moe.ipynb #b44c38d0
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     "Every MoE block of `model` whose experts use transformers' fused-experts interface, in module order."
     layers = []

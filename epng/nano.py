@@ -42,6 +42,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, floor: float = 0.1) -> 
     t = (step - warmup) / max(1, steps - warmup)
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
+# %% ../nbs/03_nano.ipynb #d364f0a1
 def pretrain_nano(out_dir, steps: int = 1000, seed: int = 0, batch_size: int = 8, block_size: int = 256,
                   lr: float = 3e-3, warmup: int = 50, config=None, progress: bool = True) -> dict:
     "Pretrain the nano OLMoE on `nano_corpus` from scratch and `save_pretrained` model and tokenizer to `out_dir`; returns the loss curve."

@@ -4,17 +4,15 @@
 
 # %% ../nbs/18_repro.ipynb #b344995a
 from __future__ import annotations
-import gc, json, math, os, re, shutil, subprocess, sys, tempfile, warnings
-from dataclasses import dataclass, field, asdict, replace
+import gc, os, re, shutil, subprocess, sys, tempfile, warnings
+from dataclasses import dataclass
 from pathlib import Path
 import torch
-import matplotlib.pyplot as plt
-from .moe import EPnGError, PAPER_MODELS, offline_config, meta_model, find_moe_layers, count_parameters, trainable_share
-from .loop import LORA_METHODS
+from .moe import EPnGError, PAPER_MODELS, offline_config, meta_model, find_moe_layers, count_parameters
 from .train import TrainArgs, train, load_model_and_tokenizer
-from .data import byte_tokenizer, byte_model_ids, load_rows, read_json_rows, SFTDataset, make_batches
+from .data import byte_tokenizer, byte_model_ids, read_json_rows
 from .eval import load_eval_rows, generate, evaluate_gsm8k, evaluate_math, evaluate_general, local_task_configs
-from .judge import pairwise_win_rate, OpenAIJudge
+from .judge import pairwise_win_rate
 from .sandbox import evaluate_code, isolation_problem
 
 # %% auto #0
@@ -51,6 +49,7 @@ def colab_secret(name: str) -> str | None:
             pass
     return os.environ.get(name) or None
 
+# %% ../nbs/18_repro.ipynb #8a2e2878
 def output_root(experiment: str, output_dir: str | None = None, use_drive: bool = True) -> Path:
     "Where a run writes: `output_dir` if given, else Drive (`MyDrive/epng-repro/…`) when mounted, else a temp folder."
     if output_dir: folder = Path(output_dir).expanduser()
@@ -113,10 +112,10 @@ DOMAIN_OF = {"gsm8k": "math", "math": "math", "mbpp": "code", "humaneval": "code
 TRAIN_DATA = {"full": {"math": "metamathqa", "code": "codealpaca"},
               "smoke": {"math": "embedded", "code": "embedded:codealpaca"}}
 SCHEDULES = {  # every TrainArgs value a run needs, set explicitly (a local model folder would get the paper preset)
-    "full": dict(max_steps=500, batch_size=8, grad_accum=4, lr=1e-4, warmup_steps=100, interval=50, max_length=1024,
-                 bf16=True, rank=8, alpha=0.2, beta=0.2, decay=0.2, lora_alpha=16, seed=0),
-    "smoke": dict(max_steps=10, batch_size=4, grad_accum=1, lr=3e-3, warmup_steps=4, interval=3, max_length=256,
-                  bf16=False, rank=8, alpha=0.2, beta=0.2, decay=0.2, lora_alpha=16, seed=0),
+    "full": dict(max_steps=500, batch_size=8, grad_accum=4, lr=1e-4, warmup_steps=100, cycle_interval=50, max_length=1024,
+                 bf16=True, rank=8, prune_ratio=0.2, grow_ratio=0.2, importance_decay=0.2, lora_alpha=16, seed=0),
+    "smoke": dict(max_steps=10, batch_size=4, grad_accum=1, lr=3e-3, warmup_steps=4, cycle_interval=3, max_length=256,
+                  bf16=False, rank=8, prune_ratio=0.2, grow_ratio=0.2, importance_decay=0.2, lora_alpha=16, seed=0),
 }
 EVALS = {  # generation budget and pass@k sampling (paper: pass@10 from n = 10 samples at T = 0.7)
     "full": dict(limit=None, rows=None, max_new_tokens=512, batch_size=8, n=10, k=(1, 10), temperature=0.7),
@@ -125,6 +124,7 @@ EVALS = {  # generation budget and pass@k sampling (paper: pass@10 from n = 10 s
 SWEEPS = {"full": dict(ranks=(4, 8, 16), fractions=(0.1, 0.2, 0.3)), "smoke": dict(ranks=(4, 8), fractions=(0.1, 0.2))}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
+# %% ../nbs/18_repro.ipynb #afd004b4
 @dataclass
 class ReproSetup:
     "Everything one reproduction notebook runs with, checked."
@@ -150,6 +150,7 @@ class ReproSetup:
                   "output_dir": str(output_dir), **overrides}
         return TrainArgs(**values).resolved()
 
+# %% ../nbs/18_repro.ipynb #b2e8bea2
 def _choose(kind: str, given, allowed: tuple) -> tuple:
     "`given` (a list, or None for all of `allowed`) as a tuple, or an error naming what is unknown."
     if given is None: return tuple(allowed)
@@ -181,6 +182,7 @@ def check_model(model: str | None, mode: str, default: str) -> str:
     raise EPnGError(f"unknown MODEL {model!r}: give None (the paper's model in full mode), one of "
                     f"{list(PAPER_MODELS)}, 'embedded', a local model folder, or a hub id 'org/name'.")
 
+# %% ../nbs/18_repro.ipynb #a05205a2
 def resolve_params(experiment: str, mode: str = "auto", model: str | None = None, methods=None, tasks=None,
                    figures=None, ranks=None, fractions=None, eval_limit: int | None = None,
                    max_steps: int | None = None, cuda: bool | None = None,
@@ -302,6 +304,7 @@ def evaluate_tasks(model, tokenizer, setup: ReproSetup, tasks, folder=None) -> d
         scores.update({t: out[names[t]]["acc"] for t in general})
     return {t: 100 * v for t, v in scores.items()}
 
+# %% ../nbs/18_repro.ipynb #5bc0a180
 def budget_exact(result: dict) -> bool:
     "For a prune-and-grow run: did the active ranks sum to the starting budget after every cycle?"
     controller = result["controller"]
@@ -408,6 +411,7 @@ class ReproTable:
         import pandas as pd
         return pd.DataFrame(self.cells(), columns=self.header())
 
+# %% ../nbs/18_repro.ipynb #8a80ce04
 def side_by_side(title: str, paper: dict, runs: dict, columns) -> ReproTable:
     "One table: for each row of `paper` (and any extra row of `runs`), each column's (paper, run) value."
     columns = list(columns)
@@ -427,6 +431,7 @@ def run_columns(row: dict, columns, extra: dict | None = None) -> dict:
 # %% ../nbs/18_repro.ipynb #af7f9d76
 def plot_bars(values: dict, title: str, ylabel: str = "GSM8K (%)", paper: dict | None = None, ax=None):
     "Bars of `values` {name: score}, with the paper's value as a marker where it has one."
+    import matplotlib.pyplot as plt  # here: importing epng.repro does not load pyplot
     if ax is None: _, ax = plt.subplots(figsize=(5, 3))
     names = list(values)
     ax.bar(range(len(names)), [values[n] for n in names], color="#4c72b0", label="this run")
@@ -439,6 +444,7 @@ def plot_bars(values: dict, title: str, ylabel: str = "GSM8K (%)", paper: dict |
 
 def plot_sweep(xs, curves: dict, xlabel: str, title: str, ylabel: str = "GSM8K (%)", ax=None):
     "One line per method over a swept setting (rank, fraction)."
+    import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(5, 3))
     for name, ys in curves.items(): ax.plot(list(xs), ys, marker="o", label=ROW_NAMES.get(name, name))
     ax.set_xticks(list(xs)); ax.set_xlabel(xlabel); ax.set_ylabel(ylabel); ax.set_title(title); ax.legend(fontsize=8)

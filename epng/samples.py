@@ -29,6 +29,7 @@ _START = ["{who} has {n} {thing}s.", "{who} had {n} {thing}s.", "{who} owns {n} 
           "There are {n} {thing}s in {who}'s bag.", "{who} starts with {n} {thing}s.", "{who} keeps {n} {thing}s in a box."]
 _ASK = ["How many {thing}s does {who} have now?", "How many {thing}s are there now?", "What is the number of {thing}s now?"]
 
+# %% ../nbs/02a_samples.ipynb #4879cc0c
 def _story(rng: random.Random) -> str:
     "A word problem in the pretraining style: a story put together from sentence parts, its question, worked steps, and an answer sentence ending in the step count."
     who, thing = rng.choice(_PEOPLE), rng.choice(_THINGS)
@@ -66,6 +67,7 @@ def _math_text(rng: random.Random) -> str:
         return f"Work out {a} {op} {b} {op2} {c}. First {a} {op} {b} = {r}. Then {r} {op2} {c} = {total}. Result: {total}."
     return " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in (_add_sub(rng) for _ in range(rng.randint(3, 6))))
 
+# %% ../nbs/02a_samples.ipynb #bc6c57b0
 _FUNCS = ["total", "count", "scale", "pick", "merge", "clean", "walk", "check"]
 _VARS = ["xs", "items", "vals", "rows", "data", "nums"]
 _COMMENTS = ["keep the big ones", "one pass is enough", "Quick check first", "the order matters here", "empty input is fine"]
@@ -99,6 +101,7 @@ def _prose_text(rng: random.Random) -> str:
                  f"In the end the {a} felt {rng.choice(_FEELS)} and went home."]
     return " ".join(sentences[:rng.randint(2, 4)])
 
+# %% ../nbs/02a_samples.ipynb #5a518abe
 _TEXT_MAKERS = {"math": _math_text, "code": _code_text, "prose": _prose_text}
 
 def nano_corpus(n: int, seed: int = 0, weights: dict | None = None) -> list[dict]:
@@ -155,11 +158,8 @@ _NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hugo", "Ines
           "Maya", "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara"]
 _ITEMS = ["notebook", "pencil", "apple", "ticket", "sticker", "cupcake", "marble", "postcard"]
 
-def _word_problem(rng: random.Random) -> tuple[str, list[str], int]:
-    "One arithmetic word problem: (question, step lines, answer)."
-    name, other = rng.sample(_NAMES, 2)
-    item = rng.choice(_ITEMS)
-    kind = rng.randrange(8)
+def _count_problem(kind: int, rng: random.Random, name: str, other: str, item: str) -> tuple[str, list[str], int]:
+    "Word problems of kinds 0-3: change from a bill, sharing, distance, finding and giving away."
     if kind == 0:
         a, p = rng.randint(2, 9), rng.randint(2, 9)
         cost = a * p
@@ -181,6 +181,10 @@ def _word_problem(rng: random.Random) -> tuple[str, list[str], int]:
         return (f"{name} has {a} {item}s, finds {b} more, and then gives {c} to {other}. How many {item}s does {name} "
                 "have now?", [f"After finding more, {name} has {a} + {b} = {a + b} {item}s.",
                               f"After giving some away, {name} has {a + b} - {c} = {a + b - c} {item}s."], a + b - c)
+
+# %% ../nbs/02a_samples.ipynb #6917ad3f
+def _measure_problem(kind: int, rng: random.Random, name: str, other: str, item: str) -> tuple[str, list[str], int]:
+    "Word problems of kinds 4-7: a discount, pages over weeks, ages, a fence."
     if kind == 4:
         price, off = 20 * rng.randint(2, 10), rng.choice([5, 10, 20, 25, 50])
         saved = price * off // 100
@@ -205,10 +209,18 @@ def _word_problem(rng: random.Random) -> tuple[str, list[str], int]:
             [f"Length plus width is {length} + {width} = {length + width} meters.",
              f"The perimeter is 2 * {length + width} = {2 * (length + width)} meters."], 2 * (length + width))
 
+def _word_problem(rng: random.Random) -> tuple[str, list[str], int]:
+    "One arithmetic word problem: (question, step lines, answer)."
+    name, other = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
+    kind = rng.randrange(8)
+    return (_count_problem if kind < 4 else _measure_problem)(kind, rng, name, other, item)
+
 def _math_row(rng: random.Random) -> dict:
     question, steps, answer = _word_problem(rng)
     return {"query": question, "response": "\n".join(steps + [f"The answer is: {answer}"]), "type": "synthetic"}
 
+# %% ../nbs/02a_samples.ipynb #ceb4ffce
 _CODE_TASKS = [  # (instruction, input, output), with {k} {fn} {var} filled per row
     ("Write a Python function `{fn}` that returns the sum of a list of numbers.", "",
      "def {fn}({var}):\n    total = 0\n    for x in {var}:\n        total += x\n    return total"),
@@ -251,6 +263,7 @@ def _code_row(rng: random.Random) -> dict:
                 sentence=" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 8))).capitalize() + ".")
     return {"instruction": instruction.format(**fill), "input": context.format(**fill), "output": output.format(**fill)}
 
+# %% ../nbs/02a_samples.ipynb #31872f3f
 _ROW_MAKERS = {"metamathqa": _math_row, "codealpaca": _code_row}
 
 def synthetic_rows(fmt: str, n: int = 200, seed: int = 0) -> list[dict]:
@@ -277,4 +290,3 @@ def write_fixtures(folder: str | os.PathLike | None = None) -> list[Path]:
         path.write_text(fixture_text(fmt), encoding="utf-8")
         paths.append(path)
     return paths
-

@@ -47,6 +47,7 @@ def _harness(limits, token_fd, result_fd):
 _harness(*__import__("json").loads(sys.argv[1]))
 '''
 
+# %% ../nbs/14a_sandbox.ipynb #e1785815
 # As root: a private mount namespace where the Python installation is reachable, then bwrap as a random uid.
 _ROOT_STAGE = r'''
 mount -t tmpfs -o mode=0755,size=64k epng-python "$SANDBOX_STAGE" || exit 125
@@ -57,6 +58,7 @@ for cgroup in $SANDBOX_CGROUPS; do echo $$ > "$cgroup/cgroup.procs" || exit 125;
 exec setpriv --reuid="$SANDBOX_OUTER_UID" --regid="$SANDBOX_OUTER_UID" --clear-groups -- "$@"
 '''
 
+# %% ../nbs/14a_sandbox.ipynb #08be6d5b
 @dataclass
 class ExecResult:
     "How one program ran: `passed`, a short `status` ('passed', 'timeout', 'memory', 'error: …'), and its output's tail."
@@ -106,6 +108,7 @@ def _stage_dir(roots: Sequence[str]) -> str:
     raise EPnGError(f"no folder to stage the Python installation {list(roots)} in: install Python outside /tmp, /mnt, "
                     "/srv, /media, /opt and /var/tmp, or run as a user other than root.")
 
+# %% ../nbs/14a_sandbox.ipynb #e209d9a8
 # Refused inside the sandbox, per ABI (`seccomp_data.arch`): the kernel keyrings, which no namespace separates, and
 # the memory that no per-process limit counts (memory files, System V shared memory and message queues).
 _DENIED_SYSCALLS = {
@@ -119,8 +122,8 @@ def _seccomp_filter() -> bytes:
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
     allow, deny, kill = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x80000000  # SECCOMP_RET_ALLOW, _ERRNO, _KILL_PROCESS
     prog = []
-    for arch, numbers in _DENIED_SYSCALLS.items():
-        checks = [(jge, 0x40000000)] * (arch == 0xC000003E) + [(jeq, nr) for nr in numbers]  # x32: nr | 0x40000000
+    for arch, denied in _DENIED_SYSCALLS.items():
+        checks = [(jge, 0x40000000)] * (arch == 0xC000003E) + [(jeq, nr) for nr in denied]  # x32: nr | 0x40000000
         prog += [(ld, 0, 0, 4), (jeq, 0, len(checks) + 3, arch), (ld, 0, 0, 0)]  # not this arch: on to the next block
         prog += [(op, len(checks) - i, 0, k) for i, (op, k) in enumerate(checks)]  # a match jumps to `deny`
         prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
@@ -129,6 +132,7 @@ def _seccomp_filter() -> bytes:
 
 _SECCOMP = _seccomp_filter()
 
+# %% ../nbs/14a_sandbox.ipynb #f6b85a1e
 _CGROUP_FS = "/sys/fs/cgroup"
 _PIDS_MAX = 1 << 22  # the kernel's largest pids.max (PID_MAX_LIMIT); beyond it, "max"
 
@@ -163,6 +167,7 @@ def _new_cgroup(memory_bytes: int, tasks: int) -> list[str]:
     _remove_cgroup(made)
     return []
 
+# %% ../nbs/14a_sandbox.ipynb #4f38c314
 def _out_of_memory(cgroup: Sequence[str]) -> bool:
     "Whether the kernel's OOM killer stopped a process of this cgroup (v1: memory.oom_control, v2: memory.events)."
     for path in cgroup:
@@ -193,6 +198,7 @@ def _remove_cgroup(cgroup: Sequence[str]):
                 finally: os.close(pidfd)
             time.sleep(0.005)
 
+# %% ../nbs/14a_sandbox.ipynb #576c99c9
 def _bwrap_command(roots: dict[str, str], program_fd: int, seccomp_fd: int | None, disk_bytes: int) -> list[str]:
     "bwrap's arguments: fresh namespaces, `nobody`, a read-only system and Python, a capped tmpfs as the only writable place."
     cmd = [BWRAP, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID), "--gid",
@@ -212,6 +218,7 @@ def _bwrap_command(roots: dict[str, str], program_fd: int, seccomp_fd: int | Non
         cmd += ["--setenv", name, value]
     return cmd
 
+# %% ../nbs/14a_sandbox.ipynb #64ab23d9
 def _launch(source: bytes, limits: dict, disk_bytes: int, isolated: bool, cgroup: Sequence[str] = ()):
     "Start the harness on `source`; returns the process, the token, the result pipe and the folder to delete (unisolated)."
     token = secrets.token_hex(16).encode()
@@ -252,6 +259,7 @@ def _launch(source: bytes, limits: dict, disk_bytes: int, isolated: bool, cgroup
         for fd in fds: os.close(fd)  # the child holds its copies; ours would keep the pipes open
     return proc, token, result_r, folder
 
+# %% ../nbs/14a_sandbox.ipynb #d7c8546b
 def _collect(proc: subprocess.Popen, deadline: float, isolated: bool) -> tuple[bytes, bytes, bool]:
     "Read both pipes until they close, keeping a bounded tail of each; kill the sandbox at the deadline."
     tails, timed_out = {proc.stdout: bytearray(), proc.stderr: bytearray()}, False
@@ -310,6 +318,7 @@ def _isolated(allow_unisolated: bool) -> bool:
                       f"use the network and see your secrets.", RuntimeWarning, stacklevel=3)
     return False
 
+# %% ../nbs/14a_sandbox.ipynb #12445b0e
 _LIMIT_MAX = 1 << 40  # for the MB sizes and `processes`: beyond any machine, and far from where rlimits overflow
 
 def _check_limits(limits: dict):
@@ -327,6 +336,7 @@ def _check_limits(limits: dict):
         else: raise EPnGError(f"run_program has no limit {name!r}: the limits are timeout, memory_mb, file_mb, disk_mb "
                               f"and processes.")
 
+# %% ../nbs/14a_sandbox.ipynb #1a94bc3f
 def _run(program: str, timeout: float, memory_mb: int, file_mb: int, disk_mb: int, processes: int,
          isolated: bool) -> ExecResult:
     start = time.monotonic()
@@ -355,6 +365,7 @@ def _run(program: str, timeout: float, memory_mb: int, file_mb: int, disk_mb: in
     status = "passed" if passed else _status(proc.returncode, stderr, timed_out, out_of_memory)
     return ExecResult(passed, status, proc.returncode, stdout, stderr, time.monotonic() - start, isolated)
 
+# %% ../nbs/14a_sandbox.ipynb #e343cc02
 def run_program(program: str, timeout: float = 3.0, memory_mb: int = 1024, file_mb: int = 16, disk_mb: int = 64,
                 processes: int = 4, allow_unisolated: bool = False) -> ExecResult:
     "Run `program` in its own bubblewrap sandbox (namespaces, `nobody`, a `disk_mb` tmpfs, limits); never in this process."

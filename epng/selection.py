@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 import torch
-import matplotlib.pyplot as plt
 from .moe import EPnGError
 from .gates import label_expert_axes
 from .compat import moved_names
+from .compat import renamed_arguments
 
 # %% auto #0
 __all__ = ['ranked_experts', 'select_prune', 'growth_candidates', 'select_grow', 'BudgetError', 'deal_ranks', 'CyclePlan',
@@ -24,11 +24,12 @@ def ranked_experts(importance: torch.Tensor, descending: bool) -> torch.Tensor:
     "Flat (layer-major) expert indices sorted by importance; ties keep lower layer, then lower index, first."
     return torch.sort(importance.flatten().cpu(), descending=descending, stable=True).indices
 
-def select_prune(importance: torch.Tensor, ranks: torch.Tensor, alpha: float) -> torch.Tensor:
+@renamed_arguments(alpha="prune_ratio")
+def select_prune(importance: torch.Tensor, ranks: torch.Tensor, prune_ratio: float) -> torch.Tensor:
     "Bool (layers × experts): the ⌊α · #active⌋ active experts of lowest importance (eq. 7–8)."
     active = ranks.flatten().cpu() > 0
     order = ranked_experts(importance, descending=False)
-    chosen = order[active[order]][:_count(alpha, int(active.sum()), math.floor)]
+    chosen = order[active[order]][:_count(prune_ratio, int(active.sum()), math.floor)]
     pruned = torch.zeros(importance.numel(), dtype=torch.bool)
     pruned[chosen] = True
     return pruned.view(importance.shape)
@@ -38,9 +39,10 @@ def growth_candidates(importance: torch.Tensor, exclude: torch.Tensor | None = N
     order = ranked_experts(importance, descending=True)
     return order if exclude is None else order[~exclude.flatten().cpu()[order]]
 
-def select_grow(importance: torch.Tensor, beta: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
+@renamed_arguments(beta="grow_ratio")
+def select_grow(importance: torch.Tensor, grow_ratio: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
     "Flat indices of the ⌈β · #experts⌉ most important experts not in `exclude`, most important first (eq. 9)."
-    return growth_candidates(importance, exclude)[:_count(beta, importance.numel(), math.ceil)]
+    return growth_candidates(importance, exclude)[:_count(grow_ratio, importance.numel(), math.ceil)]
 
 # %% ../nbs/07_selection.ipynb #2dab78af
 class BudgetError(EPnGError):
@@ -68,7 +70,7 @@ def deal_ranks(freed: int, order: torch.Tensor, ranks: torch.Tensor, max_rank: i
             continue
         if not open_:
             raise BudgetError(f"cannot place {freed} freed ranks: every candidate expert is at max_rank={max_rank}; "
-                              "raise max_rank, lower alpha or raise beta.")
+                              "raise max_rank, lower prune_ratio or raise grow_ratio.")
         for i in open_[:freed]:
             added[i] += 1
         freed -= min(freed, len(open_))
@@ -91,14 +93,15 @@ class CyclePlan:
     @property
     def grown(self) -> torch.Tensor: return self.added > 0
 
-def plan_cycle(importance: torch.Tensor, ranks: torch.Tensor, alpha: float, beta: float, max_rank: int | None = None,
+@renamed_arguments(alpha="prune_ratio", beta="grow_ratio")
+def plan_cycle(importance: torch.Tensor, ranks: torch.Tensor, prune_ratio: float, grow_ratio: float, max_rank: int | None = None,
                prune: bool = True, grow: bool = True, delta: int | None = None) -> CyclePlan:
     "Plan one EPnG cycle from importance p̄ and current ranks (both layers × experts)."
     if importance.shape != ranks.shape:
         raise EPnGError(f"importance {tuple(importance.shape)} and ranks {tuple(ranks.shape)} must have the same shape")
     importance, ranks = importance.detach().float().cpu(), ranks.detach().cpu()
-    pruned = select_prune(importance, ranks, alpha) if prune else torch.zeros_like(ranks, dtype=torch.bool)
-    order = select_grow(importance, beta, exclude=pruned) if grow else torch.zeros(0, dtype=torch.long)
+    pruned = select_prune(importance, ranks, prune_ratio) if prune else torch.zeros_like(ranks, dtype=torch.bool)
+    order = select_grow(importance, grow_ratio, exclude=pruned) if grow else torch.zeros(0, dtype=torch.long)
     freed = int(ranks[pruned].sum())
     base = torch.where(pruned, 0, ranks)
     rest = growth_candidates(importance, exclude=pruned)  # budget-neutral: past G when max_rank fills it
@@ -117,6 +120,7 @@ def synthetic_importance(num_layers: int = 8, num_experts: int = 32, skew: float
 
 def plot_plan(importance: torch.Tensor, plan: CyclePlan, axes=None):
     "Left: experts sorted by importance, pruned red and grown green; right: the rank map after the cycle."
+    import matplotlib.pyplot as plt  # here: importing epng.selection does not load pyplot
     if axes is None: _, axes = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw=dict(width_ratios=[1.3, 1]))
     order = ranked_experts(importance, descending=False)
     colors = ["tab:red" if p else "tab:green" if g else "tab:gray"
@@ -132,6 +136,7 @@ def plot_plan(importance: torch.Tensor, plan: CyclePlan, axes=None):
 def selection_explorer(importance: torch.Tensor | None = None, rank: int = 8):
     "An ipywidgets explorer of one cycle: sliders for α and β over `importance` (synthetic by default)."
     import ipywidgets as widgets
+    import matplotlib.pyplot as plt
     importance = synthetic_importance() if importance is None else importance
     ranks = torch.full(importance.shape, rank, dtype=torch.long)
     def show(alpha=0.2, beta=0.2):

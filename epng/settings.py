@@ -7,14 +7,15 @@ from __future__ import annotations
 import json, math
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
+from .compat import RENAMED_KNOBS, renamed_arguments, renamed_attribute
 
 # %% auto #0
 __all__ = ['PRESETS', 'EMBEDDED', 'MAX_SEED', 'NANO_SHAPE', 'CHOICES', 'read_config', 'preset_for', 'newest_run', 'TrainArgs']
 
 # %% ../nbs/12_settings.ipynb #a280e93b
 PRESETS = {
-    "paper": dict(max_steps=500, batch_size=32, lr=1e-4, warmup_steps=100, interval=50, max_length=1024, bf16=True),
-    "embedded": dict(max_steps=120, batch_size=8, lr=3e-3, warmup_steps=30, interval=15, max_length=256, bf16=False),
+    "paper": dict(max_steps=500, batch_size=32, lr=1e-4, warmup_steps=100, cycle_interval=50, max_length=1024, bf16=True),
+    "embedded": dict(max_steps=120, batch_size=8, lr=3e-3, warmup_steps=30, cycle_interval=15, max_length=256, bf16=False),
 }
 EMBEDDED = "embedded"
 MAX_SEED = 2**32 - 1   # numpy's range; the data order seeds a torch generator with seed · 1_000_003 + epoch
@@ -26,6 +27,7 @@ CHOICES = {"method": ("static", "prune_only", "grow_only", "epng", "esft", "fft"
            "dataset_format": ("metamathqa", "codealpaca"), "esft_criterion": ("token", "gate"),
            "targets": ("gate_proj", "up_proj", "down_proj"), "importance": ("gate", "selection", "weight")}
 
+# %% ../nbs/12_settings.ipynb #387cb2fa
 def read_config(folder) -> dict | None:
     """`folder`'s config.json as a dict, or None if it has none that parses (loading the model then says what is wrong);
     `EPnGError` for JSON nested too deep to parse at all."""
@@ -54,8 +56,40 @@ def newest_run(method: str) -> Path | None:
     runs = sorted(p for p in Path("outputs").glob(f"{method}-*") if p.is_dir())
     return runs[-1] if runs else None
 
+# %% ../nbs/12_settings.ipynb #937ad915
+class _TrainArgsMethods:
+    "What `TrainArgs` (below) can do: fill in its preset, check itself, give the method's `EPnGConfig`."
+    def resolved(self) -> "TrainArgs":
+        "A copy with the values of this model's preset filled in and every setting checked."
+        preset = PRESETS[preset_for(self.model)[0]]
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update({k: v for k, v in preset.items() if values[k] is None})
+        values["targets"] = tuple(values["targets"])
+        args = TrainArgs(**values)
+        args.check()
+        return args
+
+    def check(self) -> None:
+        "Raise `EPnGError` listing every setting that is not a valid value, before anything is loaded."
+        from epng.moe import EPnGError         # here, as in preset_for: this module imports no torch
+        from epng.loop import check_method
+        check_method(self.method)
+        problems = [msg for ok, msg in _value_checks(self) + _run_checks(self) if not ok]
+        if problems: raise EPnGError("invalid training settings: " + "; ".join(problems))
+        self.epng_config()  # validates rank, α, β, schedule, targets
+
+    def epng_config(self):
+        "The `EPnGConfig` (notebook 06) of these settings."
+        from epng.config import EPnGConfig
+        return EPnGConfig(rank=self.rank, targets=self.targets, prune_ratio=self.prune_ratio, grow_ratio=self.grow_ratio,
+                          warmup_steps=self.warmup_steps, cycle_interval=self.cycle_interval, importance_decay=self.importance_decay,
+                          lora_alpha=self.lora_alpha, max_rank=self.max_rank, importance=self.importance)
+
+    def to_dict(self) -> dict: return {**asdict(self), "targets": list(self.targets)}
+
+# %% ../nbs/12_settings.ipynb #22dd8cea
 @dataclass
-class TrainArgs:
+class TrainArgs(_TrainArgsMethods):
     "Settings of one run; `None` takes the preset's value (`preset_for`: `embedded` for the nano model, else `paper`)."
     model: str = EMBEDDED                # hub id, local folder, or 'embedded': the nano OLMoE shipped with epng
     dataset: str = EMBEDDED              # 'metamathqa', 'codealpaca', a .json/.jsonl file, or 'embedded' (nano task)
@@ -69,11 +103,11 @@ class TrainArgs:
     max_grad_norm: float = 1.0           # gradient clipping norm; 0 turns clipping off
     rank: int = 8                        # r0: every expert's LoRA rank at the start (the budget is r0 × experts)
     targets: tuple = ("gate_proj", "up_proj")  # expert projections that get LoRA factors
-    alpha: float = 0.2                   # α: share of the active experts pruned per cycle (not LoRA's scale: lora_alpha)
-    beta: float = 0.2                    # β: share of the experts that receive the pruned experts' ranks per cycle
+    prune_ratio: float = 0.2             # α: share of the active experts pruned per cycle
+    grow_ratio: float = 0.2              # β: share of the experts that receive the pruned experts' ranks per cycle
     warmup_steps: int | None = None      # T_w: plain-LoRA steps before the first prune-and-grow cycle (not an lr warm-up)
-    interval: int | None = None          # T_p: steps between prune-and-grow cycles
-    decay: float = 0.2                   # λ: factor the importance statistics are multiplied by after each cycle
+    cycle_interval: int | None = None    # T_p: steps between prune-and-grow cycles
+    importance_decay: float = 0.2        # λ: factor the importance statistics are multiplied by after each cycle
     lora_alpha: float = 16               # LoRA's scale: the factors' product is multiplied by lora_alpha / rank
     max_rank: int | None = None          # cap on one expert's rank as it grows; what its projections allow unless given
     importance: str = "gate"             # how p̄ reads the router (notebook 04): 'gate' (paper), 'selection', 'weight'
@@ -91,78 +125,66 @@ class TrainArgs:
     resume: str | None = None            # a checkpoint folder, or 'latest': the newest intact one in output_dir
     dist_timeout: float = 300.0          # seconds a process waits for the others before the run stops
 
-    def resolved(self) -> "TrainArgs":
-        "A copy with the values of this model's preset filled in and every setting checked."
-        preset = PRESETS[preset_for(self.model)[0]]
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update({k: v for k, v in preset.items() if values[k] is None})
-        values["targets"] = tuple(values["targets"])
-        args = TrainArgs(**values)
-        args.check()
-        return args
+# %% ../nbs/12_settings.ipynb #34d09360
+TrainArgs.__init__ = renamed_arguments(**RENAMED_KNOBS)(TrainArgs.__init__)
+for _old, _new in RENAMED_KNOBS.items(): setattr(TrainArgs, _old, renamed_attribute(_old, _new))
 
-    def check(self) -> None:
-        "Raise `EPnGError` listing every setting that is not a valid value, before anything is loaded."
-        from epng.moe import EPnGError         # here, as in preset_for: this module imports no torch
-        from epng.loop import check_method
-        check_method(self.method)
-        def integer(v, low): return isinstance(v, int) and not isinstance(v, bool) and v >= low
-        def number(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        latest = newest_run(self.method) if self.resume == "latest" and self.output_dir is None else None
-        problems = [msg for ok, msg in [
-            (isinstance(self.model, str) and self.model != "",
-             f"model must be a hub id, a folder or 'embedded' as a str (str(path) for a Path), got {self.model!r}"),
-            (isinstance(self.dataset, str) and self.dataset != "",
-             f"dataset must be a name, a file or 'embedded' as a str (str(path) for a Path), got {self.dataset!r}"),
-            (integer(self.max_steps, 1), f"max_steps must be an integer >= 1, got {self.max_steps!r}"),
-            (integer(self.batch_size, 1), f"batch_size must be an integer >= 1, got {self.batch_size!r}"),
-            (integer(self.grad_accum, 1), f"grad_accum must be an integer >= 1, got {self.grad_accum!r}"),
-            (number(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}"),
-            (number(self.weight_decay) and self.weight_decay >= 0,
-             f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}"),
-            (number(self.max_grad_norm) and self.max_grad_norm >= 0,
-             f"max_grad_norm must be a finite number >= 0 (0 turns clipping off), got {self.max_grad_norm!r}"),
-            (number(self.lora_alpha) and self.lora_alpha > 0,
-             f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}"),
-            (number(self.alpha) and number(self.beta) and number(self.decay),
-             f"alpha, beta and decay must be finite numbers, got {self.alpha!r}, {self.beta!r}, {self.decay!r}"),
-            (integer(self.warmup_steps, 0), f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}"),
-            (integer(self.interval, 1), f"interval must be an integer >= 1, got {self.interval!r}"),
-            (self.max_rank is None or integer(self.max_rank, 1),
-             f"max_rank must be None or an integer >= 1, got {self.max_rank!r}"),
-            (self.esft_criterion in ("token", "gate"),
-             f"esft_criterion must be 'token' or 'gate', got {self.esft_criterion!r}"),
-            (self.esft_top_p is None or number(self.esft_top_p) and 0 < self.esft_top_p <= 1,
-             f"esft_top_p must be None or in (0, 1], got {self.esft_top_p!r}"),
-            (integer(self.esft_batches, 1), f"esft_batches must be an integer >= 1, got {self.esft_batches!r}"),
-            (integer(self.max_length, 2), f"max_length must be an integer >= 2 tokens, got {self.max_length!r}"),
-            (self.limit is None or integer(self.limit, 1), f"limit must be None or an integer >= 1, got {self.limit!r}"),
-            (all(isinstance(v, bool) for v in (self.bf16, self.gradient_checkpointing, self.overwrite)),
-             f"bf16, gradient_checkpointing and overwrite must be True or False, got {self.bf16!r}, "
-             f"{self.gradient_checkpointing!r}, {self.overwrite!r}"),
-            (integer(self.seed, 0) and self.seed <= MAX_SEED,
-             f"seed must be an integer in [0, 2**32 - 1], got {self.seed!r} (a time.time_ns() value is too large: "
-             f"use time.time_ns() % 2**32)"),
-            (self.output_dir is None or isinstance(self.output_dir, str) and self.output_dir.strip() != "",
-             f"output_dir must be None or a folder name, got {self.output_dir!r}"),
-            (integer(self.save_steps, 0), f"save_steps must be an integer >= 0, got {self.save_steps!r}"),
-            (self.resume is None or isinstance(self.resume, str) and self.resume != "",
-             f"resume must be None, 'latest' or a checkpoint folder, got {self.resume!r}"),
-            (self.resume != "latest" or self.output_dir is not None,
-             "resume='latest' continues the run in output_dir, and none was given (without one, every run writes to "
-             f"a new outputs/<method>-<YYYYmmdd-HHMMSS>): pass the stopped run's folder, e.g. --output-dir "
-             f"{latest or f'outputs/{self.method}-<YYYYmmdd-HHMMSS>'} --resume latest"),
-            (number(self.dist_timeout) and self.dist_timeout > 0,
-             f"dist_timeout must be a finite number of seconds > 0, got {self.dist_timeout!r}"),
-        ] if not ok]
-        if problems: raise EPnGError("invalid training settings: " + "; ".join(problems))
-        self.epng_config()  # validates rank, α, β, schedule, targets
+# %% ../nbs/12_settings.ipynb #c0140853
+def _integer(v, low) -> bool: return isinstance(v, int) and not isinstance(v, bool) and v >= low
+def _number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    def epng_config(self):
-        "The `EPnGConfig` (notebook 07) of these settings."
-        from epng.config import EPnGConfig
-        return EPnGConfig(rank=self.rank, targets=self.targets, alpha=self.alpha, beta=self.beta,
-                          warmup_steps=self.warmup_steps, interval=self.interval, decay=self.decay,
-                          lora_alpha=self.lora_alpha, max_rank=self.max_rank, importance=self.importance)
+def _value_checks(args: TrainArgs) -> list[tuple[bool, str]]:
+    "`(ok, message)` for the model, the data, the optimizer, the method's numbers and the seed."
+    return [
+        (isinstance(args.model, str) and args.model != "",
+         f"model must be a hub id, a folder or 'embedded' as a str (str(path) for a Path), got {args.model!r}"),
+        (isinstance(args.dataset, str) and args.dataset != "",
+         f"dataset must be a name, a file or 'embedded' as a str (str(path) for a Path), got {args.dataset!r}"),
+        (_integer(args.max_steps, 1), f"max_steps must be an integer >= 1, got {args.max_steps!r}"),
+        (_integer(args.batch_size, 1), f"batch_size must be an integer >= 1, got {args.batch_size!r}"),
+        (_integer(args.grad_accum, 1), f"grad_accum must be an integer >= 1, got {args.grad_accum!r}"),
+        (_number(args.lr) and args.lr > 0, f"lr must be a finite number > 0, got {args.lr!r}"),
+        (_number(args.weight_decay) and args.weight_decay >= 0,
+         f"weight_decay must be a finite number >= 0, got {args.weight_decay!r}"),
+        (_number(args.max_grad_norm) and args.max_grad_norm >= 0,
+         f"max_grad_norm must be a finite number >= 0 (0 turns clipping off), got {args.max_grad_norm!r}"),
+        (_number(args.lora_alpha) and args.lora_alpha > 0,
+         f"lora_alpha must be a finite number > 0, got {args.lora_alpha!r}"),
+        (_number(args.prune_ratio) and _number(args.grow_ratio) and _number(args.importance_decay),
+         f"prune_ratio, grow_ratio and importance_decay must be finite numbers, got {args.prune_ratio!r}, {args.grow_ratio!r}, {args.importance_decay!r}"),
+        (_integer(args.warmup_steps, 0), f"warmup_steps must be an integer >= 0, got {args.warmup_steps!r}"),
+        (_integer(args.cycle_interval, 1), f"cycle_interval must be an integer >= 1, got {args.cycle_interval!r}"),
+        (args.max_rank is None or _integer(args.max_rank, 1),
+         f"max_rank must be None or an integer >= 1, got {args.max_rank!r}"),
+        (args.esft_criterion in ("token", "gate"),
+         f"esft_criterion must be 'token' or 'gate', got {args.esft_criterion!r}"),
+        (args.esft_top_p is None or _number(args.esft_top_p) and 0 < args.esft_top_p <= 1,
+         f"esft_top_p must be None or in (0, 1], got {args.esft_top_p!r}"),
+        (_integer(args.esft_batches, 1), f"esft_batches must be an integer >= 1, got {args.esft_batches!r}"),
+        (_integer(args.max_length, 2), f"max_length must be an integer >= 2 tokens, got {args.max_length!r}"),
+        (args.limit is None or _integer(args.limit, 1), f"limit must be None or an integer >= 1, got {args.limit!r}"),
+        (all(isinstance(v, bool) for v in (args.bf16, args.gradient_checkpointing, args.overwrite)),
+         f"bf16, gradient_checkpointing and overwrite must be True or False, got {args.bf16!r}, "
+         f"{args.gradient_checkpointing!r}, {args.overwrite!r}"),
+        (_integer(args.seed, 0) and args.seed <= MAX_SEED,
+         f"seed must be an integer in [0, 2**32 - 1], got {args.seed!r} (a time.time_ns() value is too large: "
+         f"use time.time_ns() % 2**32)"),
+    ]
 
-    def to_dict(self) -> dict: return {**asdict(self), "targets": list(self.targets)}
+# %% ../nbs/12_settings.ipynb #26bb9051
+def _run_checks(args: TrainArgs) -> list[tuple[bool, str]]:
+    "`(ok, message)` for where the run writes, when it saves, what it resumes and how long it waits."
+    latest = newest_run(args.method) if args.resume == "latest" and args.output_dir is None else None
+    return [
+        (args.output_dir is None or isinstance(args.output_dir, str) and args.output_dir.strip() != "",
+         f"output_dir must be None or a folder name, got {args.output_dir!r}"),
+        (_integer(args.save_steps, 0), f"save_steps must be an integer >= 0, got {args.save_steps!r}"),
+        (args.resume is None or isinstance(args.resume, str) and args.resume != "",
+         f"resume must be None, 'latest' or a checkpoint folder, got {args.resume!r}"),
+        (args.resume != "latest" or args.output_dir is not None,
+         "resume='latest' continues the run in output_dir, and none was given (without one, every run writes to "
+         f"a new outputs/<method>-<YYYYmmdd-HHMMSS>): pass the stopped run's folder, e.g. --output-dir "
+         f"{latest or f'outputs/{args.method}-<YYYYmmdd-HHMMSS>'} --resume latest"),
+        (_number(args.dist_timeout) and args.dist_timeout > 0,
+         f"dist_timeout must be a finite number of seconds > 0, got {args.dist_timeout!r}"),
+    ]

@@ -28,6 +28,7 @@ from .io import save_state, load_state
 from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning, base_parameter_count
 from .io import atomic_dir, atomic_write_json, remove_stale_temporaries, write_safetensors, is_stale_temporary
 from .checkpoint import save_adapter, read_adapter, load_adapter_into
+from .compat import RENAMED_KNOBS, renamed_keywords
 
 # %% auto #0
 __all__ = ['EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMABLE_DIFFERENCES', 'TRAINER_STATE',
@@ -121,6 +122,7 @@ def bounded_wait(timeout: float, world: int):
                         "them hung, stopped or died (see its own output). Resume from the last checkpoint; raise "
                         "--dist-timeout if a step legitimately takes longer.") from e
 
+# %% ../nbs/13_train.ipynb #988bf723
 def average_gradients(parameters, world: int) -> None:
     "Average the gradients of `parameters` over all processes (one flat all-reduce)."
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -169,6 +171,7 @@ def latest_checkpoint(output_dir) -> Path | None:
     "The newest checkpoint folder in `output_dir` that has every file (not yet validated), or None."
     return next((p for p in checkpoint_folders(output_dir) if (p / f"{TRAINER_STATE}.json").exists()), None)
 
+# %% ../nbs/13_train.ipynb #a2335647
 def nonfinite(tensors, what: str) -> str | None:
     "A description of the first floating tensor in `tensors` ({name: tensor}) that holds NaN or inf, else None."
     for name, t in tensors.items():
@@ -200,6 +203,7 @@ def save_checkpoint(folder, args: TrainArgs, step: int, tuner, optimizer, schedu
         (tmp / "args.json").write_text(json.dumps(args.to_dict(), indent=1))
     return Path(folder)
 
+# %% ../nbs/13_train.ipynb #f7709216
 def check_resumable(saved: dict, args: TrainArgs) -> dict:
     "Refuse to resume a checkpoint written with other settings; returns the changed optimizer settings `{k: (old, new)}`."
     now = args.to_dict()
@@ -233,6 +237,8 @@ def inspect_checkpoint(folder, args: TrainArgs) -> dict:
     except (UnicodeDecodeError, ValueError) as e: damaged(f"args.json is not JSON ({e})")
     except RecursionError: damaged("args.json nests deeper than any run's settings")
     if not isinstance(saved, dict): damaged("args.json does not hold the run's settings")
+    try: saved = renamed_keywords(saved, RENAMED_KNOBS, "args.json", warn=False)   # a run started before 0.2
+    except TypeError as e: damaged(str(e))
     try: changes = check_resumable(saved, args)            # settings first: they say which files the run wrote
     except EPnGError as e: raise EPnGError(f"{folder}: {e}") from None
     try: dataclasses.replace(args, **{k: old for k, (old, _) in changes.items()}).check()   # the saved lr, … too
@@ -268,6 +274,7 @@ def inspect_checkpoint(folder, args: TrainArgs) -> dict:
     if problem := nonfinite(tensors, "the saved tensor"): damaged(problem)
     return {"folder": folder, "state": state, "changes": changes, "tuner": None if lora else tensors}
 
+# %% ../nbs/13_train.ipynb #a9783b73
 def resume_candidates(args: TrainArgs):
     """Inspected checkpoints to resume from: `args.resume` itself, or for 'latest' the intact ones of this run's settings,
     newest first. If 'latest' finds none and some had other settings, that settings error is raised."""
@@ -295,6 +302,7 @@ def _same(saved, expected) -> bool:
 
 def _short(value) -> str: return (r := repr(value))[:60] + ("…" if len(r) > 60 else "")
 
+# %% ../nbs/13_train.ipynb #8c0501d1
 def check_optimizer_state(saved: dict, optimizer, scheduler_saved: dict, scheduler, step: int,
                           changes: dict | None = None) -> None:
     """Raise `DamagedCheckpointError` unless the saved optimizer and scheduler states are what this run's freshly built
@@ -340,6 +348,7 @@ def check_optimizer_state(saved: dict, optimizer, scheduler_saved: dict, schedul
         if not _same(scheduler_saved[k], v):
             damaged(f"the saved scheduler has {k} {_short(scheduler_saved[k])}, but this run gives {v!r} at step {step}")
 
+# %% ../nbs/13_train.ipynb #d2b99414
 def apply_changes(changes: dict, args: TrainArgs, optimizer, scheduler) -> None:
     "Put changed optimizer settings into a restored optimizer: a new lr restarts the schedule's factor from its position."
     if "weight_decay" in changes:
@@ -472,6 +481,7 @@ class StopSignals:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag) or None       # a process that got none still takes its first signal as the first
 
+# %% ../nbs/13_train.ipynb #e47ca8d0
 def resume_command(given: TrainArgs, output_dir) -> str:
     "The `epng train` command that continues a run of the settings `given` from the newest checkpoint in `output_dir`."
     words = ["epng", "train"]
@@ -502,17 +512,18 @@ def check_output_dir(out) -> None:
 
 def check_cycles_fit(handle, args: TrainArgs) -> None:
     "Dry-run EPnG's first cycle on `handle`'s shapes: refuse settings whose freed ranks cannot be placed."
-    if args.method != "epng" or not cycle_steps(args.max_steps, args.warmup_steps, args.interval): return
+    if args.method != "epng" or not cycle_steps(args.max_steps, args.warmup_steps, args.cycle_interval): return
     ranks, cap = handle.ranks, handle.max_rank
-    try: plan_cycle(torch.ones(ranks.shape), ranks, args.alpha, args.beta, max_rank=cap)
+    try: plan_cycle(torch.ones(ranks.shape), ranks, args.prune_ratio, args.grow_ratio, max_rank=cap)
     except BudgetError:
-        n = ranks.numel(); kept = n - math.floor(round(args.alpha * n, 9))
+        n = ranks.numel(); kept = n - math.floor(round(args.prune_ratio * n, 9))
         raise EPnGError(f"these settings cannot survive a prune-and-grow cycle: the first cycle prunes {n - kept} of "
                         f"{n} experts, and the {kept} left can hold at most {cap} ranks each ({kept * cap} in all), "
-                        f"fewer than the budget of {int(ranks.sum())} (rank {args.rank} on every expert). Lower alpha "
+                        f"fewer than the budget of {int(ranks.sum())} (rank {args.rank} on every expert). Lower prune_ratio "
                         f"or rank (at most {kept * cap // n} here), or raise max_rank if it is below what the "
                         "projections allow. Nothing was trained.") from None
 
+# %% ../nbs/13_train.ipynb #2dd8c16c
 def enable_checkpointing(model) -> None:
     "Gradient (activation) checkpointing, non-reentrant, with the non-deprecated API where transformers has it."
     if hasattr(model, "activation_checkpointing_enable"):

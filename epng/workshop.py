@@ -6,19 +6,20 @@
 from __future__ import annotations
 import math
 import torch
-import matplotlib.pyplot as plt
 from .gates import gate_stats
 from .importance import ExpertImportance
-from .selection import select_prune, plan_cycle, plot_plan
+from .selection import CyclePlan, select_prune, plan_cycle, plot_plan
 from .lora import kaiming_rows
+from .growth import project_off_live_rows
 from .loop import cycle_steps
 
 # %% auto #0
 __all__ = ['SCHEDULE_CASES', 'implemented', 'pick', 'Verdict', 'passed', 'expect_failure', 'solution_topk_routing',
            'dense_routing', 'check_topk_routing', 'solution_masked_mean_gate', 'check_masked_mean_gate',
            'solution_update_importance', 'check_update_importance', 'solution_choose_prune', 'prune_cases',
-           'check_choose_prune', 'solution_project_off', 'check_project_off', 'solution_cycle_schedule',
-           'check_cycle_schedule', 'decayed_mean', 'importance_explorer']
+           'check_choose_prune', 'solution_project_off', 'check_project_off', 'solution_one_cycle', 'factor_snapshot',
+           'check_cycle_state', 'check_one_cycle', 'solution_cycle_schedule', 'check_cycle_schedule', 'decayed_mean',
+           'importance_explorer']
 
 # %% ../nbs/19_workshop.ipynb #13be0869
 def implemented(fn, *probe) -> bool:
@@ -28,23 +29,22 @@ def implemented(fn, *probe) -> bool:
 
 def pick(fn, reference, *probe):
     "The function a check tests: the learner's `fn` once it is filled in, else `reference`, so the asserts still run."
-    if implemented(fn, *probe): return fn
-    print(f"⏳ {fn.__name__} is not filled in yet: checking the reference solution instead (open the Solution block).")
-    return reference
+    return fn if implemented(fn, *probe) else reference
 
 class Verdict(str):
-    "'yours' or 'reference' (whose function passed), shown in a notebook as the check's message."
+    "'yours' or 'reference' (whose function passed), shown in a notebook as the check's message; `.done`: yours passed."
     def __new__(cls, who: str, message: str):
         verdict = super().__new__(cls, who)
-        verdict.message = message
+        verdict.message, verdict.done = message, who == "yours"
         return verdict
     def __repr__(self): return self.message
     def _repr_pretty_(self, p, cycle): p.text(self.message)
 
 def passed(name: str, fn, reference) -> Verdict:
-    "The verdict after every assert of a check held: whose function it was and a line that says so."
-    who = "reference" if fn is reference else "yours"
-    return Verdict(who, f"✅ {name}: every check passes ({'the reference solution' if who == 'reference' else 'your function'}).")
+    "The verdict after every assert of a check held: ✅ for the learner's function, ⏳ not done yet for the reference."
+    if fn is not reference: return Verdict("yours", f"✅ {name}: every check passes (your function).")
+    return Verdict("reference", f"⏳ {name}: not done yet. Your function raises NotImplementedError or returns None, so "
+                                "the checks ran on the reference solution instead; fill it in and run this cell again.")
 
 def expect_failure(check, wrong, *args, **kwargs) -> str:
     "Run `check` on a deliberately `wrong` function; return the AssertionError message, raise if the check passed it."
@@ -200,7 +200,8 @@ def check_project_off(fn, handle=None, batch: dict | None = None, layer: int = 0
     got = fn(existing, new)
     assert tuple(got.shape) == tuple(new.shape), f"return as many rows as `new` has, shape {tuple(new.shape)}, got {tuple(got.shape)}"
     assert (existing @ got.T).abs().max() < 1e-8, "the result is not orthogonal to the existing rows: project off their span"
-    assert torch.allclose(got, solution_project_off(existing, new), atol=1e-8), \
+    library = project_off_live_rows(existing[None].float(), torch.tensor([len(existing)]), new[None].float())[0]
+    assert torch.allclose(got.float(), library, atol=1e-5), \
         "the result is orthogonal but not `new` minus its projection: remove only the component in the existing span"
     empty = fn(existing[:0], new)
     assert torch.allclose(empty, new), "an expert with no rows yet (rank 0): nothing to project off, return `new` unchanged"
@@ -219,6 +220,55 @@ def check_project_off(fn, handle=None, batch: dict | None = None, layer: int = 0
         assert torch.allclose(handle.model(**batch).logits, logits_before, atol=1e-5), "growth changed the model's output"
     return passed("orthogonal growth", fn, solution_project_off)
 
+# %% ../nbs/19_workshop.ipynb #633d6a27
+def solution_one_cycle(handle, importance, alpha, beta):
+    plan = plan_cycle(importance, handle.ranks, alpha, beta, max_rank=handle.max_rank)
+    for layer, expert in plan.pruned.nonzero().tolist(): handle.prune(layer, expert)
+    for layer, expert in plan.grown.nonzero().tolist(): handle.grow(layer, expert, int(plan.added[layer, expert]))
+    return plan
+
+def factor_snapshot(handle) -> dict:
+    "Every expert's active `(A, B)` per target, cloned, keyed by (layer, expert, target)."
+    L, E = len(handle.layers), handle.layers[0].num_experts
+    return {(l, e, t): tuple(x.clone() for x in handle.factors(l, e, t))
+            for l in range(L) for e in range(E) for t in handle.config.targets}
+
+def check_cycle_state(handle, ranks: torch.Tensor, before: dict, plan: CyclePlan) -> None:
+    "Assert that `handle`, at `ranks` with factors `before`, went through `plan`: budget, ranks, kept and new factors."
+    after = handle.ranks
+    hint = ("the experts of plan.pruned still hold ranks: remove them with handle.prune" if (plan.pruned & (after > 0)).any()
+            else "grow each expert of plan.grown by its plan.added with handle.grow")
+    assert int(after.sum()) == int(ranks.sum()), \
+        f"Σ ranks went from {int(ranks.sum())} to {int(after.sum())}, but a cycle keeps the budget: {hint}"
+    wrong = [tuple(i) for i in (after != plan.ranks_after).nonzero().tolist()]
+    assert not wrong, (f"expert {wrong[0]} (layer, expert) has rank {int(after[wrong[0]])}, "
+                       f"the plan gives it {int(plan.ranks_after[wrong[0]])}: {hint}")
+    for (l, e, t), (a0, b0) in before.items():
+        if plan.pruned[l, e]: continue
+        (a, b), r = handle.factors(l, e, t), a0.shape[0]
+        assert torch.equal(a[:r], a0) and torch.equal(b[:, :r], b0), \
+            f"expert ({l}, {e}), {t}: its existing LoRA changed; a cycle only removes an expert's ranks or appends new ones"
+        if a.shape[0] == r: continue
+        assert (b[:, r:] == 0).all(), f"expert ({l}, {e}), {t}: the new columns of B are not zero"
+        cosine = (a0 / a0.norm(dim=1, keepdim=True)) @ (a[r:] / a[r:].norm(dim=1, keepdim=True)).T
+        assert r == 0 or cosine.abs().max() < 1e-4, f"expert ({l}, {e}), {t}: the new rows of A are not orthogonal to the old"
+
+# %% ../nbs/19_workshop.ipynb #876fdcbb
+def check_one_cycle(fn, handle, importance: torch.Tensor, alpha: float = 0.2, beta: float = 0.2) -> Verdict:
+    "Exercise 6: `fn(handle, importance, alpha, beta)` runs one cycle on `handle`; against `plan_cycle` and the handle's state."
+    ranks, before = handle.ranks, factor_snapshot(handle)
+    want = plan_cycle(importance, ranks, alpha, beta, max_rank=handle.max_rank)
+    try: plan = fn(handle, importance, alpha, beta)
+    except NotImplementedError: plan = None
+    if plan is None:
+        assert torch.equal(handle.ranks, ranks), "your function changed the handle but returned None: return the plan"
+        fn, plan = solution_one_cycle, solution_one_cycle(handle, importance, alpha, beta)
+    assert isinstance(plan, CyclePlan), f"return the CyclePlan you carried out (plan_cycle's result), got {type(plan).__name__}"
+    assert torch.equal(plan.pruned, want.pruned) and torch.equal(plan.added, want.added), \
+        "your plan differs from plan_cycle(importance, handle.ranks, alpha, beta, max_rank=handle.max_rank)"
+    check_cycle_state(handle, ranks, before, want)
+    return passed("one cycle by hand", fn, solution_one_cycle)
+
 # %% ../nbs/19_workshop.ipynb #25365dde
 def solution_cycle_schedule(max_steps, warmup, interval):
     return [s for s in range(1, max_steps + 1) if s >= max(warmup, 1) and s % interval == 0 and s < max_steps]
@@ -229,7 +279,7 @@ def _short(steps: list) -> str:
 SCHEDULE_CASES = [(500, 100, 50), (40, 10, 5), (30, 10, 5), (12, 0, 3), (99, 100, 50), (7, 2, 1), (100, 100, 50)]
 
 def check_cycle_schedule(fn) -> Verdict:
-    "Exercise 6: `fn(max_steps, warmup, interval)` against `epng.loop.cycle_steps`."
+    "Exercise 7: `fn(max_steps, warmup, interval)` against `epng.loop.cycle_steps`."
     fn = pick(fn, solution_cycle_schedule, *SCHEDULE_CASES[0])
     for max_steps, warmup, interval in SCHEDULE_CASES:
         got, want = list(fn(max_steps, warmup, interval)), cycle_steps(max_steps, warmup, interval)
@@ -250,6 +300,7 @@ def decayed_mean(old: tuple, new: tuple, lam: float) -> torch.Tensor:
 def importance_explorer(old: tuple, new: tuple, rank: int = 8):
     "Sliders for α, β and λ over two windows of live gate statistics; each move plans and draws one cycle (`.result`: the CyclePlan)."
     import ipywidgets as widgets
+    import matplotlib.pyplot as plt            # here, not at the top: `import epng.workshop` loads no pyplot
     ranks = torch.full(old[0].shape, rank, dtype=torch.long)
     def show(alpha=0.2, beta=0.2, lam=0.2):
         if alpha + beta > 1 + 1e-9:

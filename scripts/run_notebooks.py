@@ -49,6 +49,8 @@ def run_one(path: Path) -> None:
         if cell.cell_type == "code": cell.outputs, cell.execution_count = [], None
     sys.path.insert(0, str(ROOT))
     shell = CaptureShell(path, mpl_format="png")
+    run = shell._run   # execnb drops all of a cell's prints when it ends with `;`; Jupyter only hides its last value
+    shell._run = lambda raw, *a, **k: run(raw.rstrip() + "\npass" if raw.rstrip().endswith(";") else raw, *a, **k)
     shell.run_cell(f"%config InlineBackend.print_figure_kwargs = {{'bbox_inches': 'tight', 'dpi': {DPI}}}")
     try: shell.run_all(nb, exc_stop=True, preproc=lambda c: skipped_by_nbdev_test(c, flags), postproc=tidy)
     except Exception: sys.exit(shell.prettytb(fname=path))

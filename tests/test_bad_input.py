@@ -34,10 +34,11 @@ def test_transformers_v4_expert_list():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(alpha=0.0), "alpha"), (dict(alpha=1.0), "alpha"), (dict(beta=-0.1), "beta"), (dict(beta=1.0), "beta"),
-    (dict(alpha=0.6, beta=0.5), "alpha \\+ beta"), (dict(rank=0), "rank"), (dict(rank=2.5), "rank"),
+    (dict(prune_ratio=0.0), "prune_ratio"), (dict(prune_ratio=1.0), "prune_ratio"), (dict(grow_ratio=-0.1), "grow_ratio"),
+    (dict(grow_ratio=1.0), "grow_ratio"),
+    (dict(prune_ratio=0.6, grow_ratio=0.5), "prune_ratio \\+ grow_ratio"), (dict(rank=0), "rank"), (dict(rank=2.5), "rank"),
     (dict(targets=("gate_proj", "k_proj")), "targets"), (dict(targets=()), "targets"),
-    (dict(targets=("up_proj", "up_proj")), "targets"), (dict(interval=0), "interval"), (dict(decay=1.5), "decay"),
+    (dict(targets=("up_proj", "up_proj")), "targets"), (dict(cycle_interval=0), "cycle_interval"), (dict(importance_decay=1.5), "importance_decay"),
     (dict(max_rank=4), "max_rank"), (dict(lora_alpha=0), "lora_alpha")])
 def test_invalid_config(kwargs, message):
     with pytest.raises(epng.EPnGError, match=message):
@@ -45,8 +46,8 @@ def test_invalid_config(kwargs, message):
 
 
 def test_valid_edge_config():
-    cfg = epng.EPnGConfig(alpha=0.5, beta=0.5, decay=0.0, warmup_steps=0)
-    assert cfg.alpha + cfg.beta == 1
+    cfg = epng.EPnGConfig(prune_ratio=0.5, grow_ratio=0.5, importance_decay=0.0, warmup_steps=0)
+    assert cfg.prune_ratio + cfg.grow_ratio == 1
 
 
 @pytest.mark.parametrize("call, message", [

@@ -139,7 +139,7 @@ def test_per_target_adds_copy_no_gradient(tiny, monkeypatch):
     model = tiny(intermediate_size=48)                         # 2I = 96, unlike every other width in the model
     h = epng.attach(model)
     ids = torch.randint(3, 256, (2, 16))
-    for lora in h.loras: lora.one_b = False
+    for lora in h.loras: lora.grouped_b = False
     assert _full_width_copies(model, ids, 96) == 0
     def autograd_slice_adds(out, cols, part):                  # the plain in-place add: the detector must see its copies
         out[:, cols].add_(part); return out

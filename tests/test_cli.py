@@ -11,7 +11,7 @@ from epng.train import TrainArgs, train, load_model_and_tokenizer
 T = sys.modules["epng.train"]    # the module: `epng.train` is the function
 ROOT = Path(__file__).resolve().parents[1]
 # 10 steps, a cycle after steps 4 and 8, 32 rows in batches of 4 (as in test_train.py)
-SMALL_FLAGS = ["--max-steps", "10", "--warmup-steps", "4", "--interval", "4", "--limit", "32", "--batch-size", "4"]
+SMALL_FLAGS = ["--max-steps", "10", "--warmup-steps", "4", "--cycle-interval", "4", "--limit", "32", "--batch-size", "4"]
 TINY_FLAGS = ["--max-steps", "2", "--limit", "16", "--batch-size", "4", "--esft-batches", "1"]
 
 
@@ -72,7 +72,7 @@ def test_a_folder_holding_the_nano_model_takes_the_embedded_preset(tmp_path, cap
     r = train(TrainArgs(model=str(folder), max_steps=1, batch_size=4, limit=8, output_dir=str(tmp_path / "run")))
     assert (r["args"].bf16, r["args"].lr, r["args"].warmup_steps) == (False, 3e-3, 30)
     assert (f"preset 'embedded' ({folder} holds a model of the nano OLMoE's shape): max_steps 1 (given; preset 120), "
-            "batch_size 4 (given; preset 8), lr 0.003, warmup_steps 30, interval 15, max_length 256, bf16 False"
+            "batch_size 4 (given; preset 8), lr 0.003, warmup_steps 30, cycle_interval 15, max_length 256, bf16 False"
             ) in capsys.readouterr().err
 
 
@@ -148,7 +148,7 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path):
     assert done.returncode != 0 and done.stderr.count("epng train: stopped by SIGTERM after step 3 of 10") == 1, \
         done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]
-    args = TrainArgs(max_steps=10, warmup_steps=4, interval=4, limit=32, batch_size=2, output_dir=str(out)).resolved()
+    args = TrainArgs(max_steps=10, warmup_steps=4, cycle_interval=4, limit=32, batch_size=2, output_dir=str(out)).resolved()
     assert T.inspect_checkpoint(out / "checkpoint-3", args)["state"]["step"] == 3
 
 

@@ -12,7 +12,7 @@ from epng.train import TrainArgs, train, checkpoint_dir, inspect_checkpoint
 
 T = sys.modules["epng.train"]
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(max_steps=10, warmup_steps=4, interval=4, limit=32, batch_size=4)
+SMALL = dict(max_steps=10, warmup_steps=4, cycle_interval=4, limit=32, batch_size=4)
 BWRAP = shutil.which("bwrap")
 
 
@@ -122,7 +122,8 @@ BAD = [(dict(max_grad_norm=-1), "max_grad_norm must be a finite number >= 0"),
        (dict(weight_decay=float("nan")), "weight_decay"),
        (dict(lora_alpha=float("inf")), "lora_alpha"), (dict(lora_alpha=float("nan")), "lora_alpha"),
        (dict(lr=float("nan")), "lr must be"), (dict(lr=float("inf")), "lr must be"), (dict(lr=-1e-3), "lr must be"),
-       (dict(decay=float("nan")), "decay"), (dict(alpha=float("nan")), "alpha"), (dict(beta=float("inf")), "beta"),
+       (dict(importance_decay=float("nan")), "importance_decay"), (dict(prune_ratio=float("nan")), "prune_ratio"),
+       (dict(grow_ratio=float("inf")), "grow_ratio"),
        (dict(seed=time.time_ns()), "time.time_ns() % 2**32"), (dict(seed=-1), "seed"),
        (dict(dist_timeout=float("inf")), "dist_timeout"), (dict(max_length=0), "max_length"),
        (dict(esft_criterion="loss"), "esft_criterion"), (dict(batch_size=2.5), "batch_size")]
@@ -150,7 +151,7 @@ def test_largest_seed_trains(tmp_path):
     assert len(r["losses"]) == 2 and all(math.isfinite(l) for l in r["losses"])
 
 
-@pytest.mark.parametrize("change", [dict(rank=64), dict(alpha=0.9, beta=0.05)])
+@pytest.mark.parametrize("change", [dict(rank=64), dict(prune_ratio=0.9, grow_ratio=0.05)])
 def test_settings_that_cannot_survive_a_cycle_are_refused_before_step_1(tmp_path, monkeypatch, change):
     _poison(monkeypatch, 1, lambda out: pytest.fail("a training step ran"))
     with pytest.raises(epng.EPnGError, match="cannot survive a prune-and-grow cycle.*Nothing was trained"):
@@ -213,7 +214,7 @@ def test_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f'''
         import json, sys, epng
         from epng.train import TrainArgs, train, inspect_checkpoint, checkpoint_folders
-        args = TrainArgs(max_steps=10, warmup_steps=4, interval=4, limit=32, batch_size=4, save_steps=1,
+        args = TrainArgs(max_steps=10, warmup_steps=4, cycle_interval=4, limit=32, batch_size=4, save_steps=1,
                          output_dir="{disk}/run")
         try: train(args, progress=False); error = None
         except epng.EPnGError as e: error = str(e)
@@ -367,7 +368,7 @@ def _trainer_run(out, skip_save_at=None, resume=None):
     from transformers import Trainer, TrainingArguments
     torch.manual_seed(0)
     model, tok = T.load_model_and_tokenizer("embedded")
-    h = epng.attach(model, epng.EPnGConfig(rank=4, lora_alpha=8, warmup_steps=2, interval=2))
+    h = epng.attach(model, epng.EPnGConfig(rank=4, lora_alpha=8, warmup_steps=2, cycle_interval=2))
     callback = epng.EPnGCallback(h, "epng")
     if skip_save_at:                                     # as if the run was killed between the two saves
         real = callback.on_save

@@ -111,7 +111,7 @@ def test_deeply_nested_state_is_a_state_file_error(tmp_path, text):
 
 @pytest.fixture
 def handle(tiny):
-    return epng.attach(tiny(), epng.EPnGConfig(rank=4, warmup_steps=2, interval=2))
+    return epng.attach(tiny(), epng.EPnGConfig(rank=4, warmup_steps=2, cycle_interval=2))
 
 
 def _plant(tmp_path, handle, ranks=None, capacity=None, edit=None) -> Path:

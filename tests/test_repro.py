@@ -45,7 +45,7 @@ def test_auto_mode_and_defaults():
     assert (smoke.mode, smoke.model, full.mode, full.model) == ("smoke", "embedded", "full", "allenai/OLMoE-1B-7B-0125")
     args = full.train_args("epng", "math", "/tmp/x")
     assert (args.max_steps, args.batch_size * args.grad_accum, args.lr, args.bf16, args.rank) == (500, 32, 1e-4, True, 8)
-    assert (args.warmup_steps, args.interval, args.alpha, args.beta, args.decay, args.dataset) == (100, 50, 0.2, 0.2, 0.2, "metamathqa")
+    assert (args.warmup_steps, args.cycle_interval, args.prune_ratio, args.grow_ratio, args.importance_decay, args.dataset) == (100, 50, 0.2, 0.2, 0.2, "metamathqa")
     assert (full.eval["n"], max(full.eval["k"]), full.eval["temperature"], full.eval["limit"]) == (10, 10, 0.7, None)
     assert resolve_params("olmoe", "smoke", methods="epng").methods == ("epng",)
 

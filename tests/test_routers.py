@@ -111,7 +111,7 @@ def test_spearman_helper():
 @pytest.mark.parametrize("arch", sorted(BIASED))
 def test_selection_prunes_the_least_selected(arch):
     model, layers = learned_looking(arch)
-    handle = epng.attach(model, epng.EPnGConfig(importance="selection", alpha=0.25, beta=0.25))
+    handle = epng.attach(model, epng.EPnGConfig(importance="selection", prune_ratio=0.25, grow_ratio=0.25))
     assert handle.collector.importance == "selection"   # attach passes config.importance to the handle's collector
     store, hooks = record_router_outputs(handle.layers)
     train_forwards(model)

@@ -16,8 +16,8 @@ T = sys.modules["epng.train"]    # the module: `epng.train` is the function
 
 ROOT = Path(__file__).resolve().parents[1]
 # 10 steps, a cycle after steps 4 and 8 (none after the last), 32 rows in batches of 4
-SMALL = dict(max_steps=10, warmup_steps=4, interval=4, limit=32, batch_size=4)
-SMALL_FLAGS = ["--max-steps", "10", "--warmup-steps", "4", "--interval", "4", "--limit", "32", "--batch-size", "4"]
+SMALL = dict(max_steps=10, warmup_steps=4, cycle_interval=4, limit=32, batch_size=4)
+SMALL_FLAGS = ["--max-steps", "10", "--warmup-steps", "4", "--cycle-interval", "4", "--limit", "32", "--batch-size", "4"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -143,14 +143,14 @@ def test_cli_resume_around_a_cycle_replays_the_run(cli_run, tmp_path, stop):
 
 KILLER = textwrap.dedent('''
     "`epng train` that is killed (SIGKILL) while it writes trainer.safetensors of checkpoint-6."
-    import os, signal, sys, epng.cli, epng.checkpoint
-    real_save = epng.checkpoint.save_file
+    import os, signal, sys, epng.cli, epng.io
+    real_save = epng.io.save_file
     def save(tensors, f, *a, **k):
         if ".checkpoint-6.tmp" in str(f) and str(f).endswith("trainer.safetensors"):
             open(f, "wb").write(b"half a file")
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(tensors, f, *a, **k)
-    epng.checkpoint.save_file = save
+    epng.io.save_file = save
     epng.cli.main(sys.argv[1:])
 ''')
 
@@ -177,7 +177,7 @@ def test_killed_run_leaves_complete_checkpoints_and_resumes_latest(cli_run, tmp_
 def _tiny_handle():
     torch.manual_seed(0)
     model, tok = T.load_model_and_tokenizer("embedded")
-    cfg = epng.EPnGConfig(rank=4, lora_alpha=8, warmup_steps=4, interval=4)
+    cfg = epng.EPnGConfig(rank=4, lora_alpha=8, warmup_steps=4, cycle_interval=4)
     return tok, model, epng.attach(model, cfg)
 
 
@@ -273,7 +273,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_nan_statistics_name_the_step(tiny):
-    h = epng.attach(tiny(), epng.EPnGConfig(warmup_steps=2, interval=2))
+    h = epng.attach(tiny(), epng.EPnGConfig(warmup_steps=2, cycle_interval=2))
     controller = EPnGController(h, "epng", max_steps=10)
     h.importance.sums[0, 3] = float("nan")
     assert controller.step_end(3) is None            # no cycle, no check
@@ -286,7 +286,7 @@ def test_resume_into_other_settings_is_refused(cli_run, tmp_path):
     ckpt = str(cli_run[0] / "checkpoint-4")
     for change, word in [(dict(rank=4), "rank: 8 → 4"), (dict(method="static"), "method: 'epng' → 'static'"),
                          (dict(method="esft", esft_batches=1), "method"), (dict(seed=1), "seed"),
-                         (dict(alpha=0.3), "alpha")]:
+                         (dict(prune_ratio=0.3), "prune_ratio: 0.2 → 0.3")]:
         with pytest.raises(epng.EPnGError, match="cannot resume") as e:
             train(TrainArgs(**{**SMALL, **change}, resume=ckpt, output_dir=str(tmp_path)), progress=False)
         assert word in str(e.value) and "Resume with the saved settings" in str(e.value)
@@ -335,7 +335,7 @@ def test_methods_share_and_budget(tmp_path):
         assert 0 < r["share"] <= 1 and all(math.isfinite(l) for l in r["losses"]) and len(r["losses"]) == 5, m
         assert _metrics(tmp_path / m)["trainable_share"] == r["share"]
     budget = 4 * 16 * 8
-    sums = {m: int(runs[m]["tuner"].ranks.sum()) for m in epng.LORA_METHODS}
+    sums = {m: int(runs[m]["tuner"].ranks.sum()) for m in epng.loop.LORA_METHODS}
     assert sums["static"] == sums["epng"] == budget and sums["prune_only"] < budget < sums["grow_only"]
     assert runs["static"]["share"] == runs["epng"]["share"]
     assert runs["prune_only"]["share"] < runs["epng"]["share"] < runs["grow_only"]["share"]
@@ -351,3 +351,17 @@ def test_methods_share_and_budget(tmp_path):
             changed[l] |= (p - theirs[name]).flatten(1).abs().amax(1) > 0
         else: assert torch.equal(p, theirs[name]), name
     assert changed.equal(esft.selected) and 0 < int(esft.selected.sum()) < esft.selected.numel()
+
+
+def test_a_checkpoint_written_before_the_knob_rename_resumes(cli_run, tmp_path):
+    "A run started before 0.2 saved alpha, beta, interval, decay in args.json: its checkpoints still resume."
+    from epng.compat import RENAMED_KNOBS
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(cli_run[0] / "checkpoint-4", ckpt)
+    saved = json.loads((ckpt / "args.json").read_text())
+    old = {new: old for old, new in RENAMED_KNOBS.items()}
+    (ckpt / "args.json").write_text(json.dumps({old.get(k, k): v for k, v in saved.items()}))
+    args = TrainArgs(**SMALL, output_dir=str(tmp_path)).resolved()
+    assert T.inspect_checkpoint(ckpt, args)["state"]["step"] == 4
+    (ckpt / "args.json").write_text(json.dumps({**saved, "alpha": 0.3}))        # both names: which one holds?
+    with pytest.raises(T.DamagedCheckpointError, match="give only 'prune_ratio'"): T.inspect_checkpoint(ckpt, args)
