@@ -26,7 +26,7 @@ def check_transformers(found: str | None):
 try: check_transformers(installed_version("transformers"))
 except PackageNotFoundError: check_transformers(None)
 
-# %% ../nbs/16_api.ipynb #8d26f0b9
+# %% ../nbs/16_api.ipynb #2066ce08
 import importlib, sys, types, warnings
 
 __doc__ = """EPnG (Expert Prune-and-Grow): LoRA on every routed expert of a transformers Mixture-of-Experts model, with ranks
@@ -38,6 +38,7 @@ moved from the experts the router uses least to those it uses most under a fixed
 The core concepts are names here; evaluation, baselines, the sandbox, plots and widgets are submodules
 (epng.eval, epng.baselines, epng.sandbox, ...). Nothing heavy loads until a name is used."""
 
+# %% ../nbs/16_api.ipynb #e7dcb6ec
 _SOURCES = {  # module: the core names `import epng` gives from it, imported on first use
     "moe": "EPnGError NoMoELayerError UnsupportedExpertsError MoELayer find_moe_layers tiny_moe_config offline_config trainable_share",
     "data": "load_rows byte_tokenizer SFTDataset collate make_batches embedded_dataset",
@@ -64,6 +65,7 @@ SUBMODULES = ("moe", "compat", "io", "data", "samples", "nano", "gates", "import
               "growth", "handle", "checkpoint", "loop", "baselines", "settings", "eval", "sandbox", "judge", "compare",
               "cli", "repro", "workshop")  # `train` is the function; its module is sys.modules["epng.train"]
 
+# %% ../nbs/16_api.ipynb #dc180dd1
 def _home(name: str, table: dict) -> str | None: return next((m for m, names in table.items() if name in names.split()), None)
 
 def __getattr__(name):

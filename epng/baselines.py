@@ -12,6 +12,7 @@ from .compat import grouped_linear, experts_implementation, set_experts_implemen
 from .moe import EPnGError, UnsupportedExpertsError, MoELayer, find_moe_layers, count_parameters
 from .gates import GateCollector
 from .lora import EPNG_IMPLEMENTATION, expert_offsets, lora_dtype
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['ESFT_TOP_P', 'ESFT_READING', 'esft_scores', 'select_esft_experts', 'ExpertDelta', 'merge_expert_delta',
@@ -165,30 +166,34 @@ class ESFTHandle:
     def bind_optimizer(self, optimizer) -> None:
         "Nothing to keep in step: ESFT's trainable set never changes (here so a loop can treat methods alike)."
 
-    def state_dict(self) -> dict:
-        "The selection mask and every delta, for a checkpoint."
-        state = {"selected": self.selected.clone()}
-        for layer, delta in self.deltas.items():
-            state.update({f"{layer}.{k}": v.detach().clone() for k, v in delta.state_dict().items()})
-        return state
+# %% ../nbs/11a_baselines.ipynb #3be1311b
+@patch
+def state_dict(self: ESFTHandle) -> dict:
+    "The selection mask and every delta, for a checkpoint."
+    state = {"selected": self.selected.clone()}
+    for layer, delta in self.deltas.items():
+        state.update({f"{layer}.{k}": v.detach().clone() for k, v in delta.state_dict().items()})
+    return state
 
-    def load_state_dict(self, state: Mapping) -> None:
-        "Load deltas saved by `state_dict` into a model with the same selection."
-        if "selected" not in state or not torch.equal(torch.as_tensor(state["selected"]).bool().cpu(), self.selected):
-            raise EPnGError("this checkpoint trained other experts than this handle: attach_esft(model, "
-                            "state['selected']) on a fresh model, then load.")
-        for layer, delta in self.deltas.items():
-            delta.load_state_dict({k: state[f"{layer}.{k}"] for k in ("gate_up", "down")})
+@patch
+def load_state_dict(self: ESFTHandle, state: Mapping) -> None:
+    "Load deltas saved by `state_dict` into a model with the same selection."
+    if "selected" not in state or not torch.equal(torch.as_tensor(state["selected"]).bool().cpu(), self.selected):
+        raise EPnGError("this checkpoint trained other experts than this handle: attach_esft(model, "
+                        "state['selected']) on a fresh model, then load.")
+    for layer, delta in self.deltas.items():
+        delta.load_state_dict({k: state[f"{layer}.{k}"] for k in ("gate_up", "down")})
 
-    def merged_model(self) -> nn.Module:
-        "A copy of the model with every delta merged into the fused expert weights: plain transformers, no epng code needed."
-        merged = copy.deepcopy(self.model)
-        layers = find_moe_layers(merged)
-        for layer in layers:
-            if hasattr(layer.experts, "epng_esft"): merge_expert_delta(layer)
-        set_experts_implementation(merged, layers, self.base_implementation or "grouped_mm")
-        merged.requires_grad_(True)
-        return merged
+@patch
+def merged_model(self: ESFTHandle) -> nn.Module:
+    "A copy of the model with every delta merged into the fused expert weights: plain transformers, no epng code needed."
+    merged = copy.deepcopy(self.model)
+    layers = find_moe_layers(merged)
+    for layer in layers:
+        if hasattr(layer.experts, "epng_esft"): merge_expert_delta(layer)
+    set_experts_implementation(merged, layers, self.base_implementation or "grouped_mm")
+    merged.requires_grad_(True)
+    return merged
 
 # %% ../nbs/11a_baselines.ipynb #f8cf82f9
 def attach_esft(model: nn.Module, selected) -> ESFTHandle:

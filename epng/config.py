@@ -11,9 +11,9 @@ from .gates import IMPORTANCE
 from .compat import RENAMED_KNOBS, renamed_arguments, renamed_attribute
 
 # %% auto #0
-__all__ = ['MAX_LORA_ALPHA', 'EPnGConfig']
+__all__ = ['MAX_LORA_ALPHA', 'EPnGConfig', 'config_problems']
 
-# %% ../nbs/06_config.ipynb #92f8e0a0
+# %% ../nbs/06_config.ipynb #522f8425
 MAX_LORA_ALPHA = 1e4  # LoRA's alpha is a small multiple of the rank; past this the scaled factors overflow bf16
 
 @dataclass
@@ -32,37 +32,42 @@ class EPnGConfig:
 
     def __post_init__(self):
         self.targets = check_targets(self.targets)
-        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)   # True is an int to Python, not a rank
-        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        checks = [
-            (whole(self.rank) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}"),
-            (real(self.prune_ratio) and 0 < self.prune_ratio < 1,
-             f"prune_ratio (α) must lie in (0, 1), got {self.prune_ratio!r}"),
-            (real(self.grow_ratio) and 0 < self.grow_ratio < 1, f"grow_ratio (β) must lie in (0, 1), got {self.grow_ratio!r}"),
-            (not (real(self.prune_ratio) and real(self.grow_ratio)) or self.prune_ratio + self.grow_ratio <= 1,
-             f"prune_ratio + grow_ratio must be <= 1 so pruned and grown experts cannot overlap, "
-             f"got {self.prune_ratio} + {self.grow_ratio}"),
-            (whole(self.warmup_steps) and self.warmup_steps >= 0,
-             f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}"),
-            (whole(self.cycle_interval) and self.cycle_interval >= 1,
-             f"cycle_interval must be an integer >= 1 step, got {self.cycle_interval!r}"),
-            (real(self.importance_decay) and 0 <= self.importance_decay <= 1,
-             f"importance_decay (λ) must lie in [0, 1], got {self.importance_decay!r}"),
-            (real(self.lora_alpha) and 0 < self.lora_alpha <= MAX_LORA_ALPHA,
-             f"lora_alpha must be a number in (0, {MAX_LORA_ALPHA:g}], got {self.lora_alpha!r}"),
-            (self.max_rank is None or whole(self.max_rank) and whole(self.rank) and self.max_rank >= self.rank,
-             f"max_rank must be None or an integer >= rank ({self.rank!r}), got {self.max_rank!r}"),
-            (isinstance(self.importance, str) and self.importance in IMPORTANCE,
-             f"importance must be one of {IMPORTANCE} ('gate': the router's probabilities, the paper's; 'selection': "
-             f"how often an expert is chosen; 'weight': the routing weight it gets), got {self.importance!r}"),
-        ]
-        problems = [msg for ok, msg in checks if not ok]
+        problems = config_problems(self)
         if problems: raise EPnGError("invalid EPnGConfig: " + "; ".join(problems))
 
     @property
     def scaling(self) -> float: return self.lora_alpha / self.rank
 
     def to_dict(self) -> dict: return {**asdict(self), "targets": list(self.targets)}
+
+# %% ../nbs/06_config.ipynb #f14518a7
+def config_problems(c: EPnGConfig) -> list[str]:
+    "What is wrong with the settings `c`, one message per invalid field (none when all are valid)."
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)   # True is an int to Python, not a rank
+    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    checks = [
+        (whole(c.rank) and c.rank >= 1, f"rank must be an integer >= 1, got {c.rank!r}"),
+        (real(c.prune_ratio) and 0 < c.prune_ratio < 1,
+         f"prune_ratio (α) must lie in (0, 1), got {c.prune_ratio!r}"),
+        (real(c.grow_ratio) and 0 < c.grow_ratio < 1, f"grow_ratio (β) must lie in (0, 1), got {c.grow_ratio!r}"),
+        (not (real(c.prune_ratio) and real(c.grow_ratio)) or c.prune_ratio + c.grow_ratio <= 1,
+         f"prune_ratio + grow_ratio must be <= 1 so pruned and grown experts cannot overlap, "
+         f"got {c.prune_ratio} + {c.grow_ratio}"),
+        (whole(c.warmup_steps) and c.warmup_steps >= 0,
+         f"warmup_steps must be an integer >= 0, got {c.warmup_steps!r}"),
+        (whole(c.cycle_interval) and c.cycle_interval >= 1,
+         f"cycle_interval must be an integer >= 1 step, got {c.cycle_interval!r}"),
+        (real(c.importance_decay) and 0 <= c.importance_decay <= 1,
+         f"importance_decay (λ) must lie in [0, 1], got {c.importance_decay!r}"),
+        (real(c.lora_alpha) and 0 < c.lora_alpha <= MAX_LORA_ALPHA,
+         f"lora_alpha must be a number in (0, {MAX_LORA_ALPHA:g}], got {c.lora_alpha!r}"),
+        (c.max_rank is None or whole(c.max_rank) and whole(c.rank) and c.max_rank >= c.rank,
+         f"max_rank must be None or an integer >= rank ({c.rank!r}), got {c.max_rank!r}"),
+        (isinstance(c.importance, str) and c.importance in IMPORTANCE,
+         f"importance must be one of {IMPORTANCE} ('gate': the router's probabilities, the paper's; 'selection': "
+         f"how often an expert is chosen; 'weight': the routing weight it gets), got {c.importance!r}"),
+    ]
+    return [msg for ok, msg in checks if not ok]
 
 # %% ../nbs/06_config.ipynb #866a2c38
 EPnGConfig.__init__ = renamed_arguments(**RENAMED_KNOBS)(EPnGConfig.__init__)

@@ -20,6 +20,7 @@ from .lora import round_up
 from .io import StateFileError, atomic_dir, load_state, save_state
 from .compat import moved_names
 from .compat import renamed_arguments
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['LORA_METHODS', 'METHODS', 'EPNG_STATE', 'OLD_EPNG_STATE', 'OLD_FORMAT_HINT', 'GROUP_COLORS', 'GROUP_NAMES',
@@ -151,21 +152,24 @@ class EPnGController:
         self.history.append(record)
         return record
 
-    def state_dict(self) -> dict:
-        "Everything a resumed run needs besides the factors and the optimizer: importance, history, settings."
-        return {"method": self.method, "seed": self.seed, "max_steps": self.max_steps,
-                "importance": self.handle.importance.state_dict(), "history": [r.to_dict() for r in self.history]}
+# %% ../nbs/11_loop.ipynb #40d0c939
+@patch
+def state_dict(self: EPnGController) -> dict:
+    "Everything a resumed run needs besides the factors and the optimizer: importance, history, settings."
+    return {"method": self.method, "seed": self.seed, "max_steps": self.max_steps,
+            "importance": self.handle.importance.state_dict(), "history": [r.to_dict() for r in self.history]}
 
-    def load_state_dict(self, state: dict) -> None:
-        "Restore what `state_dict` saved, after checking its every value (`check_controller_state`), method and seed."
-        check_controller_state(state, self.handle)
-        mine = {"method": self.method, "seed": self.seed}
-        theirs = {k: state[k] for k in mine}
-        if mine != theirs:
-            raise EPnGError(f"this checkpoint was written by a run with {theirs}, not {mine}: resume with the same "
-                            "method and seed, or start a new run.")
-        self.handle.importance.load_state_dict(state["importance"])
-        self.history = [CycleRecord(**r) for r in state["history"]]
+@patch
+def load_state_dict(self: EPnGController, state: dict) -> None:
+    "Restore what `state_dict` saved, after checking its every value (`check_controller_state`), method and seed."
+    check_controller_state(state, self.handle)
+    mine = {"method": self.method, "seed": self.seed}
+    theirs = {k: state[k] for k in mine}
+    if mine != theirs:
+        raise EPnGError(f"this checkpoint was written by a run with {theirs}, not {mine}: resume with the same "
+                        "method and seed, or start a new run.")
+    self.handle.importance.load_state_dict(state["importance"])
+    self.history = [CycleRecord(**r) for r in state["history"]]
 
 # %% ../nbs/11_loop.ipynb #4e050093
 EPNG_STATE, OLD_EPNG_STATE = "epng_state", "epng_state.pt"

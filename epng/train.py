@@ -36,11 +36,12 @@ __all__ = ['EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMAB
            'check_model_files', 'load_model_and_tokenizer', 'embedded_rows', 'make_tuner', 'method_share',
            'init_processes', 'bounded_wait', 'average_gradients', 'shared_statistics', 'DamagedCheckpointError',
            'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint', 'nonfinite',
-           'nonfinite_state', 'save_checkpoint', 'check_resumable', 'inspect_checkpoint', 'resume_candidates',
-           'check_optimizer_state', 'apply_changes', 'load_checkpoint', 'make_optimizer', 'step_batches', 'to_device',
-           'default_output_dir', 'claim_new_folder', 'previous_run', 'run_folder', 'RunInterrupted', 'StopSignals',
-           'resume_command', 'check_output_dir', 'check_cycles_fit', 'enable_checkpointing', 'preset_line', 'train',
-           'save_run']
+           'nonfinite_state', 'save_checkpoint', 'check_resumable', 'saved_settings', 'check_trainer_state',
+           'inspect_checkpoint', 'resume_candidates', 'check_optimizer_state', 'check_scheduler_state', 'apply_changes',
+           'load_checkpoint', 'make_optimizer', 'step_batches', 'to_device', 'default_output_dir', 'claim_new_folder',
+           'previous_run', 'run_folder', 'RunInterrupted', 'StopSignals', 'resume_command', 'check_output_dir',
+           'check_cycles_fit', 'enable_checkpointing', 'preset_line', 'open_run', 'build_tuner', 'resume_into',
+           'step_loss', 'diverged', 'stop_here', 'train', 'save_run']
 
 # %% ../nbs/13_train.ipynb #9a9413dd
 def check_model_files(folder) -> None:
@@ -215,23 +216,12 @@ def check_resumable(saved: dict, args: TrainArgs) -> dict:
                         f"{', '.join(OPTIMIZER_SETTINGS)} may change on resume.)")
     return {k: (saved.get(k), now[k]) for k in OPTIMIZER_SETTINGS if saved.get(k) != now[k]}
 
-# %% ../nbs/13_train.ipynb #f7af73c2
+# %% ../nbs/13_train.ipynb #808255cc
 BUDGET_METHODS = ("static", "epng")   # the methods whose rank sum is the budget after every step
 
-def inspect_checkpoint(folder, args: TrainArgs) -> dict:
-    """Read and validate everything in the checkpoint `folder` that needs no model: `{folder, state, changes, tuner}`.
-    Raises `DamagedCheckpointError` for a broken or old-format folder, `EPnGError` for settings that differ."""
-    folder = Path(folder)
+def saved_settings(folder: Path, args: TrainArgs) -> dict:
+    "The checkpoint's args.json, read within limits and compared with `args`: the optimizer settings that changed."
     def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
-    if not folder.is_dir(): raise EPnGError(f"{folder} is not a folder: give a checkpoint-N folder, or 'latest'.")
-    if (folder / OLD_TRAINER_STATE).exists() and not (folder / f"{TRAINER_STATE}.json").exists():
-        damaged(f"{OLD_TRAINER_STATE} is not loaded: {OLD_FORMAT_HINT}")
-    lora = args.method in LORA_METHODS
-    def complete(needed):
-        if missing := [n for n in needed if not (folder / n).exists()]:
-            raise DamagedCheckpointError(f"{folder} is not a complete epng checkpoint (no {', '.join(missing)}): give "
-                                         "a checkpoint-N folder that a run wrote.")
-    complete(["args.json"])
     if (folder / "args.json").stat().st_size > 2**20: damaged("args.json is larger than any run's settings")
     try: saved = json.loads((folder / "args.json").read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e: damaged(f"args.json is not JSON ({e})")
@@ -243,9 +233,13 @@ def inspect_checkpoint(folder, args: TrainArgs) -> dict:
     except EPnGError as e: raise EPnGError(f"{folder}: {e}") from None
     try: dataclasses.replace(args, **{k: old for k, (old, _) in changes.items()}).check()   # the saved lr, … too
     except EPnGError as e: damaged(f"args.json: {e}")
-    complete([f"{TRAINER_STATE}.json", f"{TRAINER_STATE}.safetensors", "adapter" if lora else TUNER_STATE])
-    try: state = load_state(folder, TRAINER_STATE)
-    except EPnGError as e: damaged(str(e))
+    return changes
+
+# %% ../nbs/13_train.ipynb #cf5ab080
+def check_trainer_state(folder: Path, state, args: TrainArgs) -> None:
+    "A checkpoint's trainer state: its parts, a step and losses of this run, random states, finite optimizer moments."
+    def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
+    lora = args.method in LORA_METHODS
     keys = {"step", "optimizer", "scheduler", "controller", "losses", "changes", "rng"}
     if (not isinstance(state, dict) or set(state) != keys or not isinstance(state["optimizer"], dict)
             or not isinstance(state["optimizer"].get("state"), dict) or not isinstance(state["changes"], list)):
@@ -266,6 +260,27 @@ def inspect_checkpoint(folder, args: TrainArgs) -> dict:
     moments = {f"{k} of parameter {i}": v for i, st in state["optimizer"]["state"].items()
                if isinstance(st, dict) for k, v in st.items() if torch.is_tensor(v)}
     if problem := nonfinite(moments, "the optimizer's"): damaged(problem)
+
+# %% ../nbs/13_train.ipynb #cd0c2ab2
+def inspect_checkpoint(folder, args: TrainArgs) -> dict:
+    """Read and validate everything in the checkpoint `folder` that needs no model: `{folder, state, changes, tuner}`.
+    Raises `DamagedCheckpointError` for a broken or old-format folder, `EPnGError` for settings that differ."""
+    folder = Path(folder)
+    def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
+    if not folder.is_dir(): raise EPnGError(f"{folder} is not a folder: give a checkpoint-N folder, or 'latest'.")
+    if (folder / OLD_TRAINER_STATE).exists() and not (folder / f"{TRAINER_STATE}.json").exists():
+        damaged(f"{OLD_TRAINER_STATE} is not loaded: {OLD_FORMAT_HINT}")
+    lora = args.method in LORA_METHODS
+    def complete(needed):
+        if missing := [n for n in needed if not (folder / n).exists()]:
+            raise DamagedCheckpointError(f"{folder} is not a complete epng checkpoint (no {', '.join(missing)}): give "
+                                         "a checkpoint-N folder that a run wrote.")
+    complete(["args.json"])
+    changes = saved_settings(folder, args)
+    complete([f"{TRAINER_STATE}.json", f"{TRAINER_STATE}.safetensors", "adapter" if lora else TUNER_STATE])
+    try: state = load_state(folder, TRAINER_STATE)
+    except EPnGError as e: damaged(str(e))
+    check_trainer_state(folder, state, args)
     try: adapter, tensors = read_adapter(folder / "adapter") if lora else ({}, load_file(folder / TUNER_STATE))
     except (EPnGError, SafetensorError, OSError, ValueError, KeyError) as e:
         damaged(f"its {'adapter' if lora else TUNER_STATE} cannot be read ({type(e).__name__}: {e})")
@@ -302,7 +317,7 @@ def _same(saved, expected) -> bool:
 
 def _short(value) -> str: return (r := repr(value))[:60] + ("…" if len(r) > 60 else "")
 
-# %% ../nbs/13_train.ipynb #8c0501d1
+# %% ../nbs/13_train.ipynb #322eeaba
 def check_optimizer_state(saved: dict, optimizer, scheduler_saved: dict, scheduler, step: int,
                           changes: dict | None = None) -> None:
     """Raise `DamagedCheckpointError` unless the saved optimizer and scheduler states are what this run's freshly built
@@ -339,14 +354,20 @@ def check_optimizer_state(saved: dict, optimizer, scheduler_saved: dict, schedul
         n = st["step"]            # a parameter without a gradient in some step (an unrouted expert) has taken fewer
         if not (n.shape == () and n.is_floating_point() and math.isfinite(n) and n == int(n) and 0 < n <= step):
             damaged(f"the step count of parameter {i} is {n.tolist()!r}, not a whole number of steps in 1…{step}")
-    want = {**scheduler.state_dict(), "base_lrs": [g["initial_lr"] for g in expected], "last_epoch": step,
-            "_step_count": step + 1, "_last_lr": [g["lr"] for g in expected]}
+    check_scheduler_state(scheduler_saved, scheduler, expected, step)
+
+# %% ../nbs/13_train.ipynb #c5398cea
+def check_scheduler_state(saved: dict, scheduler, groups: list[dict], step: int) -> None:
+    "The saved learning-rate schedule must be this run's after `step` steps, over the param `groups` expected."
+    def damaged(msg): raise DamagedCheckpointError(msg)
+    want = {**scheduler.state_dict(), "base_lrs": [g["initial_lr"] for g in groups], "last_epoch": step,
+            "_step_count": step + 1, "_last_lr": [g["lr"] for g in groups]}
     if "_is_initial" in want: want["_is_initial"] = False
-    if not isinstance(scheduler_saved, dict) or set(scheduler_saved) != set(want):
+    if not isinstance(saved, dict) or set(saved) != set(want):
         damaged("the saved scheduler state is not this run's learning-rate schedule")
     for k, v in want.items():
-        if not _same(scheduler_saved[k], v):
-            damaged(f"the saved scheduler has {k} {_short(scheduler_saved[k])}, but this run gives {v!r} at step {step}")
+        if not _same(saved[k], v):
+            damaged(f"the saved scheduler has {k} {_short(saved[k])}, but this run gives {v!r} at step {step}")
 
 # %% ../nbs/13_train.ipynb #d2b99414
 def apply_changes(changes: dict, args: TrainArgs, optimizer, scheduler) -> None:
@@ -538,11 +559,9 @@ def preset_line(given: TrainArgs, args: TrainArgs) -> str:
               for k, v in PRESETS[name].items()]
     return f"preset '{name}' ({why}): " + ", ".join(values)
 
-# %% ../nbs/13_train.ipynb #eceea6ae
-def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
-    """Run one fine-tuning job; returns the tuner, model, losses, cycle history and where things were saved.
-    SIGINT or SIGTERM stop it after the current step with a checkpoint and `RunInterrupted`."""
-    given = args or TrainArgs()
+# %% ../nbs/13_train.ipynb #0c735fd2
+def open_run(given: TrainArgs, progress: bool = True) -> dict:
+    "Settings resolved, processes joined, the output folder checked and cleaned, the checkpoint to resume from found."
     args = given.resolved()
     rank, world, device = init_processes(args.dist_timeout)
     args = run_folder(args, rank, world, device)
@@ -555,21 +574,26 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
     if args.resume and found is None:
         raise EPnGError(f"resume='latest' but {out} holds no complete checkpoint that is intact (the warnings name "
                         "each one skipped): start without resume, or give a checkpoint folder.")
-    torch.manual_seed(args.seed); random.seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.bf16, device)
-    rows = (embedded_rows(limit=args.limit, seed=args.seed) if args.dataset == EMBEDDED
-            else load_rows(args.dataset, args.dataset_format, limit=args.limit, seed=args.seed))
-    dataset = SFTDataset(rows, tokenizer, max_length=args.max_length)
-    def prepare(model):
-        if args.gradient_checkpointing: enable_checkpointing(model)
-        first = step_batches(dataset, args, rank, world, 0)
-        scoring = (to_device(b, device) for b, _ in zip(first, range(args.esft_batches)))
-        tuner, controller = make_tuner(model, args, scoring)
-        if controller: check_cycles_fit(tuner, args)
-        optimizer, scheduler = make_optimizer(tuner, args, device)
-        if controller: tuner.bind_optimizer(optimizer)
-        return tuner, controller, optimizer, scheduler
-    tuner, controller, optimizer, scheduler = prepare(model)
+    return dict(args=args, rank=rank, world=world, device=device, out=out, candidates=candidates, found=found)
+
+# %% ../nbs/13_train.ipynb #d80d9e3b
+def build_tuner(model, dataset, run: dict) -> tuple:
+    "`(tuner, controller, optimizer, scheduler)` of the run's method on `model` (ESFT scores its experts on `dataset`)."
+    args, rank, world, device = run["args"], run["rank"], run["world"], run["device"]
+    if args.gradient_checkpointing: enable_checkpointing(model)
+    first = step_batches(dataset, args, rank, world, 0)
+    scoring = (to_device(b, device) for b, _ in zip(first, range(args.esft_batches)))
+    tuner, controller = make_tuner(model, args, scoring)
+    if controller: check_cycles_fit(tuner, args)
+    optimizer, scheduler = make_optimizer(tuner, args, device)
+    if controller: tuner.bind_optimizer(optimizer)
+    return tuner, controller, optimizer, scheduler
+
+def resume_into(model, dataset, run: dict) -> dict:
+    """Build the tuner and load the checkpoint `run` found; with `resume='latest'` one that fails to load is skipped for
+    the next, on a fresh model (the failed load may have grown factors). What the loop starts from."""
+    args, found = run["args"], run["found"]
+    tuner, controller, optimizer, scheduler = build_tuner(model, dataset, run)
     start, losses, changes, last_good = 0, [], [], None
     while found is not None:
         try:
@@ -578,31 +602,68 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
         except EPnGError as e:                             # only what needs the model is left to fail here
             if args.resume != "latest": raise
             warnings.warn(f"resume='latest' skips {found['folder'].name}: {e}")
-            if (found := next(candidates, None)) is None:
-                raise EPnGError(f"resume='latest' but {out} holds no complete checkpoint that is intact.") from None
-            model = load_model_and_tokenizer(args.model, args.bf16, device)[0]   # the failed load may have grown
-            tuner, controller, optimizer, scheduler = prepare(model)              # factors: start from a fresh model
-    def diverged(what: str, step: int) -> EPnGError:
-        hint = f"e.g. --resume {last_good} --lr {args.lr / 10:g}" if last_good else "none was written: start anew"
-        return EPnGError(f"{what} at step {step}: training diverged, and nothing of this step was saved; lower lr and "
-                         f"resume from the last finite checkpoint ({last_good or 'none'}), {hint}.")
+            if (found := next(run["candidates"], None)) is None:
+                raise EPnGError(f"resume='latest' but {run['out']} holds no complete checkpoint that is intact.") from None
+            model = load_model_and_tokenizer(args.model, args.bf16, run["device"])[0]
+            tuner, controller, optimizer, scheduler = build_tuner(model, dataset, run)
+    return dict(model=model, tuner=tuner, controller=controller, optimizer=optimizer, scheduler=scheduler,
+                start=start, losses=losses, changes=changes, last_good=last_good)
+
+# %% ../nbs/13_train.ipynb #efd978ec
+def step_loss(model, batches, tuner, run: dict) -> torch.Tensor:
+    "Forward and backward over one step's `grad_accum` micro-batches, gradients averaged over processes: the mean loss."
+    args, world, device = run["args"], run["world"], run["device"]
+    total = torch.zeros((), device=device)
+    for _ in range(args.grad_accum):
+        loss = model(**to_device(next(batches), device)).loss / args.grad_accum
+        loss.backward()
+        total += loss.detach()
+    average_gradients(list(tuner.parameters()), world)
+    if world > 1: dist.all_reduce(total); total /= world
+    return total
+
+def diverged(what: str, step: int, last_good, lr: float) -> EPnGError:
+    "The error a non-finite loss, gradient or state raises: nothing of this step is saved; where to resume from."
+    hint = f"e.g. --resume {last_good} --lr {lr / 10:g}" if last_good else "none was written: start anew"
+    return EPnGError(f"{what} at step {step}: training diverged, and nothing of this step was saved; lower lr and "
+                     f"resume from the last finite checkpoint ({last_good or 'none'}), {hint}.")
+
+# %% ../nbs/13_train.ipynb #ea445e60
+def stop_here(bar, run: dict, given: TrainArgs, step: int, signum: int):
+    "After the checkpoint of `step` is written: every process raises `RunInterrupted`, which says how to continue."
+    out, world, args = run["out"], run["world"], run["args"]
+    if world > 1: dist.barrier()                            # none leaves before process 0 has written the checkpoint
+    bar.close()
+    raise RunInterrupted(f"stopped by {signal.Signals(signum).name} after step {step} of {args.max_steps}, "
+                         f"saved in {checkpoint_dir(out, step)}; continue exactly with: "
+                         f"{resume_command(given, out)}", signum, checkpoint_dir(out, step), run["rank"])
+
+# %% ../nbs/13_train.ipynb #16863791
+def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
+    """Run one fine-tuning job; returns the tuner, model, losses, cycle history and where things were saved.
+    SIGINT or SIGTERM stop it after the current step with a checkpoint and `RunInterrupted`."""
+    given = args or TrainArgs()
+    run = open_run(given, progress)
+    args, rank, world, device, out = (run[k] for k in ("args", "rank", "world", "device", "out"))
+    torch.manual_seed(args.seed); random.seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.bf16, device)
+    rows = (embedded_rows(limit=args.limit, seed=args.seed) if args.dataset == EMBEDDED
+            else load_rows(args.dataset, args.dataset_format, limit=args.limit, seed=args.seed))
+    dataset = SFTDataset(rows, tokenizer, max_length=args.max_length)
+    s = resume_into(model, dataset, run)
+    model, tuner, controller, optimizer, scheduler = (s[k] for k in ("model", "tuner", "controller", "optimizer", "scheduler"))
+    losses, changes, last_good = s["losses"], s["changes"], s["last_good"]
     model.train()
-    batches = step_batches(dataset, args, rank, world, start)
-    bar = tqdm(range(start + 1, args.max_steps + 1), desc=f"{args.method} training", disable=not progress or rank > 0)
+    batches = step_batches(dataset, args, rank, world, s["start"])
+    bar = tqdm(range(s["start"] + 1, args.max_steps + 1), desc=f"{args.method} training", disable=not progress or rank > 0)
     with bounded_wait(args.dist_timeout, world), StopSignals() as stop:
         for step in bar:
-            total = torch.zeros((), device=device)
-            for _ in range(args.grad_accum):
-                loss = model(**to_device(next(batches), device)).loss / args.grad_accum
-                loss.backward()
-                total += loss.detach()
+            total = step_loss(model, batches, tuner, run)
+            if not torch.isfinite(total): raise diverged(f"the loss is {total.item()}", step, last_good, args.lr)
             trainable = list(tuner.parameters())
-            average_gradients(trainable, world)
-            if world > 1: dist.all_reduce(total); total /= world
-            if not torch.isfinite(total): raise diverged(f"the loss is {total.item()}", step)
             norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-            if not torch.isfinite(norm):
-                raise diverged(f"the gradient norm is {norm.item()} (with a finite loss, {total.item():.4g})", step)
+            if not torch.isfinite(norm): raise diverged(f"the gradient norm is {norm.item()} (with a finite loss, "
+                                                        f"{total.item():.4g})", step, last_good, args.lr)
             if args.max_grad_norm: torch.nn.utils.clip_grads_with_norm_(trainable, args.max_grad_norm, norm)
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
             if controller: controller.step_end(step, optimizer)
@@ -610,18 +671,13 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             signum = stop.requested(world, device) if step < args.max_steps else None   # the last step saves anyway
             save = bool(args.save_steps and step % args.save_steps == 0 or signum) and step < args.max_steps
-            if save or step == args.max_steps:
-                if problem := nonfinite_state(tuner, optimizer): raise diverged(problem, step)
+            if (save or step == args.max_steps) and (problem := nonfinite_state(tuner, optimizer)):
+                raise diverged(problem, step, last_good, args.lr)
             if save:
                 with shared_statistics(tuner):              # every process takes part; process 0 writes
                     if rank == 0: last_good = save_checkpoint(checkpoint_dir(out, step), args, step, tuner, optimizer,
                                                               scheduler, controller, losses, changes)
-            if signum:
-                if world > 1: dist.barrier()               # none leaves before process 0 has written the checkpoint
-                bar.close()
-                raise RunInterrupted(f"stopped by {signal.Signals(signum).name} after step {step} of {args.max_steps}, "
-                                     f"saved in {checkpoint_dir(out, step)}; continue exactly with: "
-                                     f"{resume_command(given, out)}", signum, checkpoint_dir(out, step), rank)
+            if signum: stop_here(bar, run, given, step, signum)
         result = dict(args=args, model=model, tokenizer=tokenizer, tuner=tuner, controller=controller, losses=losses,
                       share=method_share(tuner, model), rank=rank, world=world, changes=changes)
         with shared_statistics(tuner):
