@@ -31,8 +31,8 @@ from .checkpoint import save_adapter, read_adapter, load_adapter_into
 from .compat import RENAMED_KNOBS, renamed_keywords
 
 # %% auto #0
-__all__ = ['EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMABLE_DIFFERENCES', 'TRAINER_STATE',
-           'OLD_TRAINER_STATE', 'TUNER_STATE', 'BUDGET_METHODS', 'IMPLEMENTATION_FLAGS', 'RUN_FILES',
+__all__ = ['MAX_MODEL_JSON_BYTES', 'EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMABLE_DIFFERENCES',
+           'TRAINER_STATE', 'OLD_TRAINER_STATE', 'TUNER_STATE', 'BUDGET_METHODS', 'IMPLEMENTATION_FLAGS', 'RUN_FILES',
            'check_model_files', 'load_model_and_tokenizer', 'embedded_rows', 'make_tuner', 'method_share',
            'init_processes', 'bounded_wait', 'average_gradients', 'shared_statistics', 'DamagedCheckpointError',
            'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint', 'nonfinite',
@@ -44,10 +44,15 @@ __all__ = ['EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMAB
            'step_loss', 'diverged', 'stop_here', 'train', 'save_run']
 
 # %% ../nbs/13_train.ipynb #9a9413dd
+MAX_MODEL_JSON_BYTES = 256 * 2**20   # a model's largest JSON, tokenizer.json, is tens of MB
+
 def check_model_files(folder) -> None:
     "Raise `EPnGError` naming the first unreadable file of a local model folder: bad JSON or encoding, broken safetensors."
     folder = Path(folder)
     for f in sorted(folder.glob("*.json")):
+        if (size := f.stat().st_size) > MAX_MODEL_JSON_BYTES:   # checked before reading: parsing costs many times it
+            raise EPnGError(f"{f} is {size:,} bytes, more than any model's JSON ({MAX_MODEL_JSON_BYTES:,}): it is not "
+                            "read. If it is genuine, raise epng.train.MAX_MODEL_JSON_BYTES.")
         try: json.loads(f.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as e:
             raise EPnGError(f"{f} is not UTF-8 text (byte {e.start}: {e.reason}; UTF-16 or another encoding?): "

@@ -19,3 +19,7 @@ def tiny():
         torch.manual_seed(0)
         return AutoModelForCausalLM.from_config(epng.tiny_moe_config(arch, **overrides))
     return make
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a full sweep; runs only with EPNG_SLOW=1")

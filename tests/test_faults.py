@@ -566,3 +566,16 @@ def test_overwrite_removes_links_and_never_follows_them(tmp_path):
     T.run_folder(TrainArgs(**SMALL, output_dir=str(run), overwrite=True).resolved(), 0, 1, "cpu")
     assert os.listdir(run) == ["notes.txt"]
     assert os.listdir(outside) == ["keep.txt"] and (outside / "keep.txt").read_text() == "x"
+
+
+def test_an_oversized_model_json_is_not_read(model_folder, tmp_path, monkeypatch):
+    "A JSON file past the limit is refused by its size alone: it is never read, let alone parsed."
+    folder = tmp_path / "m"
+    shutil.copytree(model_folder, folder)
+    with open(folder / "tokenizer.json", "r+b") as f: f.truncate(T.MAX_MODEL_JSON_BYTES + 1)   # sparse: no disk used
+    read = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or real(self))
+    with pytest.raises(epng.EPnGError, match="tokenizer.json is .* bytes, more than any model's JSON"):
+        T.check_model_files(folder)
+    assert "tokenizer.json" not in read

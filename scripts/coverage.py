@@ -1,0 +1,531 @@
+"""Which transformers MoE families epng covers: a tiny model of every family with fused experts, checked end to end.
+
+For every model type whose modeling module defines a causal-LM class and an experts module built with transformers'
+`use_experts_implementation` decorator, the script builds a tiny config from the family's own defaults (sizes shrunk
+generically), gives the routers learned-looking weights, and records: the router kind epng reads, whether `attach`
+works (or the reason it refuses), whether epng's importance agrees with an independent computation from the router's
+own outputs, whether the merged model equals the adapted one, whether a prune-and-grow cycle keeps the rank budget,
+and whether the peft export reloads to the same logits. It writes the table to docs/coverage.md.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/coverage.py                    # every family
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/coverage.py --families olmoe gpt_oss --out /tmp/c.md
+"""
+from __future__ import annotations
+import argparse, copy, datetime, importlib, inspect, re, sys, tempfile, time, warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+import transformers.integrations.moe as hf_moe
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
+import epng
+from epng.gates import GateCollector
+from epng.checkpoint import export_peft
+
+COMMAND = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/coverage.py"
+SEQ, BATCH = 16, 4
+
+# --- 1. which families ------------------------------------------------------------------------------------------------
+
+def modeling_module(model_type: str):
+    "The modeling module of `model_type`, or None when it has none that imports."
+    name = model_type_to_module_name(model_type)
+    try: return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    except Exception: return None
+
+def fused_experts_classes(module) -> list[str]:
+    "Classes of `module` whose forward is the one `use_experts_implementation` installs."
+    found = []
+    for name, cls in vars(module).items():
+        code = getattr(getattr(cls, "forward", None), "__code__", None)
+        if inspect.isclass(cls) and cls.__module__ == module.__name__ and code is not None \
+                and code.co_filename == hf_moe.__file__:
+            found.append(name)
+    return found
+
+def causal_lm_class(model_type: str, config_class, module):
+    "The causal-LM class of `model_type`: AutoModelForCausalLM's, else a `*ForCausalLM` of its module for this config."
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if name: return getattr(transformers, name, None) or getattr(module, name, None), True
+    for cls_name, cls in vars(module).items():
+        if inspect.isclass(cls) and cls_name.endswith("ForCausalLM") \
+                and getattr(cls, "config_class", None) is config_class:
+            return cls, False
+    return None, False
+
+def text_model_type(model_type: str) -> str:
+    "The model type of the text part of a multimodal config (the type itself for a text model)."
+    try: config = AutoConfig.for_model(model_type)
+    except Exception: return model_type
+    text = config.get_text_config()
+    return getattr(text, "model_type", model_type) or model_type
+
+def moe_families() -> tuple[list[str], dict[str, str]]:
+    """(families, skipped): the text model types with fused experts and a causal-LM class; and each modeling module
+    with fused experts but no causal-LM class for any of its model types, with that reason."""
+    families, with_experts, covered = [], set(), set()
+    for model_type in CONFIG_MAPPING_NAMES:
+        module = modeling_module(model_type)
+        if module is None or not fused_experts_classes(module): continue
+        with_experts.add(module.__name__)
+        family = text_model_type(model_type)            # a multimodal config: its text part
+        family_module = modeling_module(family) or module
+        if causal_lm_class(family, type(AutoConfig.for_model(family)), family_module)[0] is None: continue
+        covered.add(family_module.__name__)
+        if family not in families: families.append(family)
+    skipped = {m.rpartition(".modeling_")[2]: "no causal-LM class for any of its model types"
+               for m in sorted(with_experts - covered)}
+    return families, skipped
+
+
+# --- 2. a tiny config from the family's defaults ------------------------------------------------------------------
+
+EXPERTS = re.compile(r"^(n_routed|num|n|moe_num|num_local|num_routed)_experts$")
+TOP_K = re.compile(r"per_tok|^(moe_)?top_?k(_experts)?$|^moe_k$")
+
+def _shrunk(key: str, value):
+    "The tiny value of one config field, or None to leave it as the family has it."
+    k = key.lower()
+    if isinstance(value, bool):   # a switch that turns the MoE block on (Gemma 4 has it off by default)
+        return True if re.match(r"(enable|use)_moe", k) else None
+    if value is None:             # a MoE that is off by default leaves its sizes unset
+        unset = [(k == "head_dim", 16), (EXPERTS.match(k) is not None, 8), (TOP_K.search(k) is not None, 2),
+                 (k == "moe_intermediate_size", 32),
+                 (re.match(r"(n|num)_shared_experts$", k) is not None, 1)]   # dots1 leaves it None and cannot build
+        return next((v for hit, v in unset if hit), None)
+    if isinstance(value, list):   # lists of layer indices (dense-only or MLP-only layers): none, every layer is MoE
+        only_layers = re.search(r"(only|dense)_layers$|^mlp_only", k)
+        return [] if only_layers and all(isinstance(v, int) for v in value) else None
+    if not isinstance(value, int): return None
+    rules = [
+        (k == "hidden_size", 64), ("vocab_size" in k, 256), (k == "num_hidden_layers", 2),
+        ("intermediate_size" in k or k in ("ffn_dim", "ffn_hidden_size", "moe_ffn_hidden_size"), 32),
+        ("hidden_size" in k and value > 0, 16),                       # e.g. hidden_size_per_layer_input
+        (k == "num_attention_heads", 4), (k == "num_key_value_heads", 4),
+        (k.endswith("head_dim") and ("rope" in k or "nope" in k), 8), (k.endswith("head_dim"), 16),
+        (k.endswith(("_heads", "n_heads")) and value > 0, 4),
+        (k.endswith("lora_rank") and value > 0, 16),
+        (k in ("n_group", "num_expert_group") and value > 1, 2), (k in ("topk_group", "topk_groups") and value > 1, 1),
+        ("shared_expert" in k and value > 0, 1),                       # n_shared_experts, num_shared_experts
+        (EXPERTS.match(k) is not None and value >= 1, 8),
+        (TOP_K.search(k) is not None and value > 0, 2),
+        (k in ("first_k_dense_replace", "num_dense_layers", "moe_layer_start_index", "expert_layer_offset"), 0),
+        (k in ("decoder_sparse_step", "moe_layer_freq", "expert_layer_period", "sparse_step"), 1),
+        (k == "attn_layer_period", 2), (k == "attn_layer_offset", 1),   # periodic layer kinds: one of each in 2
+        (k == "max_position_embeddings", 256), (k == "sliding_window" and value > 64, 64),
+        (k == "pad_token_id", 0), (k == "bos_token_id", 1), (k == "eos_token_id", 2),
+        (k.endswith("_token_id") and value >= 256, 3),
+    ]
+    return next((v for hit, v in rules if hit), None)
+
+def _layer_subset(defaults: dict) -> dict:
+    "Per-layer lists and strings (layer kinds, MLP kinds) cut to one layer of each kind, in order, at least two."
+    n = defaults.get("num_hidden_layers")
+    if not isinstance(n, int) or n <= 2: return {}
+    per_layer = {k: v for k, v in defaults.items()
+                 if isinstance(v, (list, str)) and len(v) == n and k != "model_type"}
+    keep = sorted({list(v).index(kind) for v in per_layer.values() for kind in dict.fromkeys(v)})
+    keep = sorted(keep + [i for i in range(n) if i not in keep][:max(0, 2 - len(keep))])   # at least two layers
+    out = {k: [v[i] for i in keep] if isinstance(v, list) else "".join(v[i] for i in keep)
+           for k, v in per_layer.items()}
+    if per_layer: out["num_hidden_layers"] = len(keep)
+    return out
+
+def _partial_rotary(defaults: dict) -> float:
+    "The smallest partial rotary factor in the config (1 when rotary embeddings cover the whole head)."
+    found = []
+    def walk(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k == "partial_rotary_factor" and isinstance(x, (int, float)): found.append(x)
+                else: walk(x)
+    walk(defaults)
+    return min(found, default=1.0)
+
+def _head_dim(defaults: dict) -> int:
+    "16, or the next multiple of 8 whose rotary part is a positive even width (a factor of 0.334 makes 16 odd)."
+    p = _partial_rotary(defaults)
+    return next(d for d in range(16, 257, 8) if int(d * p) > 0 and int(d * p) % 2 == 0)
+
+# Families whose defaults the generic shrink cannot turn into a buildable tiny config; each entry says why.
+OVERRIDES: dict[str, dict] = {
+    # the config accepts top-1 routing only
+    "zaya": dict(num_experts_per_tok=1),
+    # the defaults leave layer_types None, which the modeling code indexes per layer
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    # the defaults leave the QSA indexer of 'indexed_attention' layers unset, which the modeling code divides by
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                           indexer_compress_ratio=2, hc_lowrank=16),
+}
+
+def tiny_config(family: str):
+    "A small config of `family`: its defaults with every size-like field shrunk."
+    config = AutoConfig.for_model(family)
+    defaults = config.to_dict()
+    kwargs = {k: v for k, v in ((k, _shrunk(k, v)) for k, v in defaults.items()) if v is not None}
+    kwargs.update(_layer_subset(defaults))
+    kv, heads = defaults.get("num_key_value_heads"), defaults.get("num_attention_heads")
+    if isinstance(kv, int) and isinstance(heads, int) and kv < heads:   # grouped queries stay grouped (MiMo doubles
+        kwargs["num_key_value_heads"] = 1 if kv == 1 else 2            # the kv heads of its sliding layers)
+    kwargs.update({k: _head_dim(defaults) for k, v in kwargs.items() if v == 16 and k.endswith("head_dim")})
+    kwargs.update(OVERRIDES.get(family, {}))
+    # A field that is no argument of the config's __init__ may be derived from others (MLA's head_dim is the rope
+    # width): build once with the arguments alone, then pass such a field only if that build left it unchanged.
+    own = inspect.signature(type(config).__init__).parameters
+    first = {k: v for k, v in kwargs.items() if k in own}
+    try: probe = AutoConfig.for_model(family, **first).to_dict()
+    except Exception: return AutoConfig.for_model(family, **kwargs)
+    free = {k: v for k, v in kwargs.items() if k not in own and probe.get(k) == defaults.get(k)}
+    return AutoConfig.for_model(family, **first, **free)
+
+def build_model(family: str):
+    "The tiny causal LM of `family`, fp32 on the CPU, seeded; and how it was built."
+    config = tiny_config(family)
+    cls, auto = causal_lm_class(family, type(config), modeling_module(family))
+    torch.manual_seed(0)
+    if auto: return AutoModelForCausalLM.from_config(config, dtype=torch.float32), "AutoModelForCausalLM"
+    return cls._from_config(config, dtype=torch.float32), cls.__name__
+
+# --- 3. learned-looking routers and an independent reading ----------------------------------------------------------
+
+def learned_looking(model, layers, seed: int = 0) -> None:
+    "Router logits of order one and a non-zero correction bias (std 0.3), as tests/test_routers.py makes them."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            E, H = layer.num_experts, layer.hidden_size
+            for m in layer.router.modules():
+                if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.shape == (E, H):
+                    m.weight.copy_(0.15 * torch.randn(E, H, generator=g))
+            for name, t in [*layer.block.named_buffers(), *layer.block.named_parameters()]:
+                if "bias" in name and t.numel() == E and t.shape[-1] == E and not name.startswith(("experts", "shared")):
+                    t.copy_(0.3 * torch.randn(t.shape, generator=g))   # (E,), or (1, E) as Ernie 4.5 keeps it
+            table = getattr(layer.router, "tid2eid", None)
+            if table is not None:   # a hash table that favours low expert ids, as a real one is uneven
+                favoured = torch.linspace(2, 0.2, E).expand(len(table), E)
+                table.copy_(torch.multinomial(favoured, layer.top_k, generator=g))
+
+# the score functions written out independently of epng (which infers them in log space from SCORE_FUNCTIONS)
+REFERENCE_SCORES = {"softmax": lambda l: l.softmax(-1), "sigmoid": torch.sigmoid, "probabilities": lambda p: p,
+                    "sqrtsoftplus": lambda l: torch.nn.functional.softplus(l).sqrt()}
+
+def reference_kind(logits, weights, index, routes_by_token: bool) -> str:
+    "The score function the chosen experts' weights are proportional to (a direct ratio test); 'hash' for a hash layer."
+    if routes_by_token: return "hash"
+    if weights is None: return "softmax (logits only)"
+    spreads = {}
+    for name, f in REFERENCE_SCORES.items():
+        with torch.no_grad():
+            ratio = weights.double() / f(logits.double()).gather(1, index.long())
+        ok = torch.isfinite(ratio).all(1) & (ratio > 0).all(1)
+        if not ok.any(): continue
+        r = ratio[ok] if index.shape[1] > 1 else ratio[ok].T   # top-1: one factor for all tokens, not one per token
+        spreads[name] = float(((r.amax(1) - r.amin(1)) / r.amax(1)).median())
+    best = min(spreads, key=spreads.get, default=None)
+    return best if best is not None and spreads[best] < 1e-3 else "none"
+
+def reference_reading(outputs, kind: str, importance: str, num_experts: int) -> torch.Tensor:
+    "Mean per-expert reading of one layer from its router outputs: f/Σf for 'gate', 1/k per choice for 'selection'."
+    logits = torch.cat([o[0] for o in outputs]).double()
+    index = torch.cat([o[2] for o in outputs]).long()
+    if importance == "gate" and kind not in ("hash", "none"):
+        s = REFERENCE_SCORES[kind.split()[0]](logits)
+        return (s / s.sum(-1, keepdim=True)).mean(0)
+    share = torch.full(index.shape, 1 / index.shape[1], dtype=torch.double)
+    return torch.zeros(len(logits), num_experts, dtype=torch.double).scatter_add_(1, index, share).mean(0)
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    "Spearman's rank correlation (tied values share their mean rank); 1 when both are constant and equal."
+    def ranks(x):
+        x = x.double()
+        r = torch.empty_like(x); r[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
+        for v in x.unique(): r[x == v] = r[x == v].mean()
+        return r - r.mean()
+    ra, rb = ranks(a), ranks(b)
+    if ra.norm() == 0 or rb.norm() == 0: return 1.0 if torch.equal(ra, rb) else 0.0
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+def record_router_outputs(layers):
+    "Hooks that keep every training-mode router output (logits, weights, index) per layer; returns (store, hooks)."
+    store = {layer.index: [] for layer in layers}
+    def hook_for(layer):
+        def hook(module, args, output):
+            if not module.training: return
+            logits, weights, index = epng.gates.router_outputs(output)
+            weights = None if weights is None else weights.detach().double()
+            store[layer.index].append((logits.detach().double(), weights, None if index is None else index.detach()))
+        return hook
+    return store, [layer.router.register_forward_hook(hook_for(layer)) for layer in layers]
+
+# --- 4. one family, end to end --------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    family: str
+    built_with: str = ""
+    router: str = ""                  # the score function epng infers, per MoE layer (collapsed when all agree)
+    reference_router: str = ""        # the one the independent ratio test finds
+    attach: str = ""                  # ok / refused: ... / could not build: ...
+    refusal_kind: str = ""            # the error class of a refusal
+    gate: str = ""                    # importance='gate': faithful (Spearman) / NOT faithful / refused: ...
+    selection: str = ""
+    departure: str = ""               # share of tokens whose choice is not the top-k of the scores
+    merged: str = ""
+    cycle: str = ""
+    peft: str = ""
+    faithful: bool | None = None      # None: importance was not checked (no attach)
+    notes: list = field(default_factory=list)
+
+def first_sentence(message: str) -> str:
+    "The first sentence of an error message (up to '. ' or the end), one line."
+    message = " ".join(str(message).split())
+    cut = re.search(r"[.!?](\s|$)", message[20:])
+    return message[:20 + cut.start() + 1] if cut else message
+
+def _collapse(values: list[str]) -> str:
+    return values[0] if len(set(values)) == 1 else ", ".join(values)
+
+def _batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (BATCH, SEQ), generator=g)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+@torch.no_grad()
+def _logits(model, batch) -> torch.Tensor:
+    model.eval()
+    return model(**batch, use_cache=False).logits.double()
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+def check_readings(row: Row, model, handle) -> None:
+    "One training forward: epng's 'gate' and 'selection' readings against the router outputs of that same forward."
+    layers = handle.layers
+    selection = epng.ExpertImportance(len(layers), layers[0].num_experts)
+    collector = GateCollector(model, layers, selection.add, importance="selection")
+    store, hooks = record_router_outputs(layers)
+    model.train()
+    gate_error = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try: model(**_batch(), labels=_batch()["input_ids"], use_cache=False)
+            except epng.EPnGError as e:   # 'gate' refuses a router with no known score function: read the rest again
+                gate_error = e
+                handle.collector.enabled = False
+                for v in store.values(): v.clear()
+                selection.sums.zero_(); selection.counts.zero_()
+                model(**_batch(), labels=_batch()["input_ids"], use_cache=False)
+                handle.collector.enabled = True
+    finally:
+        for h in hooks: h.remove()
+        collector.remove()
+    kinds = [collector.kinds.get(l.index, "not called") for l in layers]
+    refs = [reference_kind(*_cat(store[l.index]), l.routes_by_token) if store[l.index] else "not called"
+            for l in layers]
+    row.router, row.reference_router = _collapse(kinds), _collapse(refs)
+    departures = [epng.gates.selection_departure(*_cat(store[l.index])[0::2]) for l in layers if store[l.index]
+                  and not l.routes_by_token and _cat(store[l.index])[2] is not None]
+    row.departure = f"{max(departures):.0%}" if departures else "n/a"
+    readings = {"selection": selection.mean()}
+    if gate_error is None: readings["gate"] = handle.importance.mean()
+    else: row.gate = f"refused: {first_sentence(gate_error)}"
+    faithful = True
+    for importance, table in readings.items():
+        rhos = []
+        for l, kind in zip(layers, refs):
+            if not store[l.index] or (importance == "selection" and store[l.index][0][2] is None): continue
+            rhos.append(spearman(table[l.index], reference_reading(store[l.index], kind, importance, l.num_experts)))
+        ok = bool(rhos) and min(rhos) >= 0.99 and (importance == "selection" or kinds == refs)
+        faithful &= ok
+        text = (f"yes (min ρ {min(rhos):.3f})" if ok else
+                f"**NOT faithful** (min ρ {min(rhos):.3f}; epng reads {row.router}, "
+                f"the router is {row.reference_router})"
+                if rhos else "not checked (router returns no choice)")
+        setattr(row, importance, text)
+    row.faithful = faithful
+
+def _cat(outputs):
+    logits = torch.cat([o[0] for o in outputs])
+    weights = None if outputs[0][1] is None else torch.cat([o[1] for o in outputs])
+    index = None if outputs[0][2] is None else torch.cat([o[2] for o in outputs])
+    return logits, weights, index
+
+def check_merge_cycle_peft(row: Row, base, handle) -> None:
+    "A cycle keeps the budget; random B: the merged model and the peft reload give the adapted model's logits."
+    budget = handle.budget
+    handle.cycle(generator=torch.Generator().manual_seed(0))
+    ranks = handle.ranks
+    row.cycle = (f"ok (budget {budget}, ranks {int(ranks.min())}..{int(ranks.max())})" if int(ranks.sum()) == budget
+                 else f"**budget {budget} → {int(ranks.sum())}**")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for lora in handle.loras:
+            for b in lora.B.values(): b.copy_(0.02 * torch.randn(b.shape, generator=g))
+    batch = _batch(3)
+    adapted, plain = _logits(handle.model, batch), _logits(base, batch)
+    try:
+        merged = _rel(_logits(handle.merged_model(), batch), adapted)
+        row.merged = f"{'ok' if merged <= 1e-5 else '**differs**'} ({merged:.0e})"
+    except Exception as e: row.merged = f"**fails**: {type(e).__name__}: {first_sentence(e)}"
+    if _rel(adapted, plain) < 1e-4: row.notes.append("the random B factors barely change the logits")
+    with tempfile.TemporaryDirectory() as tmp:
+        try: export_peft(handle, Path(tmp) / "peft")
+        except Exception as e:
+            row.peft = f"**export fails**: {type(e).__name__}: {first_sentence(e)}"; return
+        try: import peft
+        except ImportError: row.peft = "exported; reload not checked (no peft)"; return
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), Path(tmp) / "peft")
+            diff = _rel(_logits(reloaded, batch), adapted)
+            row.peft = f"{'ok' if diff <= 1e-4 else '**differs**'} ({diff:.0e})"
+        except Exception as e: row.peft = f"**reload fails**: {type(e).__name__}: {first_sentence(e)}"
+
+def check_family(family: str) -> Row:
+    "Every check of one family; a failure is recorded in the row, never raised."
+    row = Row(family)
+    try: model, row.built_with = build_model(family)
+    except Exception as e:
+        row.attach = f"could not build: {type(e).__name__}: {first_sentence(e)}"; return row
+    try:
+        layers = epng.find_moe_layers(model)
+        learned_looking(model, layers)
+        base = copy.deepcopy(model)
+        handle = epng.attach(model)
+    except epng.EPnGError as e:
+        row.attach, row.refusal_kind = f"refused: {first_sentence(e)}", type(e).__name__
+        note = router_note(model, str(e))
+        if note: row.notes.append(f"router refusal: {note}")
+        return row
+    except Exception as e:
+        row.attach = f"**attach crashes**: {type(e).__name__}: {first_sentence(e)}"; return row
+    n = len(handle.layers)
+    row.attach = f"ok ({n} MoE layer{'s' * (n > 1)} × {handle.layers[0].num_experts} experts)"
+    try: check_readings(row, model, handle)
+    except Exception as e:
+        row.notes.append(f"readings crashed: {type(e).__name__}: {first_sentence(e)}")
+    try:
+        if row.gate.startswith("refused"):   # what a user of this router does: attach with importance='selection'
+            row.notes.append("cycle, merge and peft export run under importance='selection' ('gate' is refused)")
+            handle = epng.attach(copy.deepcopy(base), epng.EPnGConfig(importance="selection"))
+            handle.model.train()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                handle.model(**_batch(), labels=_batch()["input_ids"], use_cache=False)
+        check_merge_cycle_peft(row, base, handle)
+    except Exception as e: row.notes.append(f"merge/cycle/peft crashed: {type(e).__name__}: {first_sentence(e)}")
+    return row
+
+def router_note(model, message: str) -> str | None:
+    "For a refusal about the router's weight: what the block's own router child holds, so the reason can be judged."
+    found = re.match(r"(\S+) has fused experts but no child holding a \((\d+), (\d+)\)", message)
+    if not found: return None
+    block = model.get_submodule(found.group(1))
+    routers = [(n, c) for n, c in block.named_children() if "gate" in n or "router" in n]
+    if not routers: return f"{found.group(1)} has no child named like a router"
+    return "; ".join(f"its child `{n}` ({type(c).__name__}) holds weights "
+                     + ", ".join(str(tuple(p.shape)) for _, p in c.named_parameters() if p.dim() == 2)
+                     for n, c in routers)
+
+# --- 5. the table ---------------------------------------------------------------------------------------------------
+
+COLUMNS = [("family", "family"), ("router", "router kind (epng)"), ("reference_router", "router kind (reference)"),
+           ("attach", "attach"), ("gate", "importance 'gate' faithful"),
+           ("selection", "importance 'selection' faithful"),
+           ("departure", "selection departs from gate"), ("merged", "merged equality"), ("cycle", "cycle keeps budget"),
+           ("peft", "peft export")]
+
+def summary(rows: list[Row]) -> list[str]:
+    attached = [r for r in rows if r.attach.startswith("ok")]
+    refused = {}
+    for r in rows:
+        if r.attach.startswith("refused"):
+            refused.setdefault(r.attach.removeprefix("refused: "), []).append(r.family)
+    unbuilt = [r.family for r in rows if r.attach.startswith("could not build")]
+    crashed = [r.family for r in rows if r.attach.startswith("**attach crashes")]
+    unfaithful = [r.family for r in attached if r.faithful is False]
+    unchecked = [r.family for r in attached if r.faithful is None]
+    gate_refused = [r.family for r in attached if r.gate.startswith("refused")]
+    no_moe = [r.family for r in rows if r.refusal_kind == "NoMoELayerError"]   # every family here has fused experts
+    lines = [f"**{len(attached)} of {len(rows)} families attach; refused: {sum(map(len, refused.values()))}; "
+             f"could not be built at tiny size: {len(unbuilt)}"
+             + (f"; attach crashes on {len(crashed)}: {', '.join(crashed)}" if crashed else "") + ".**", ""]
+    if refused:
+        lines.append("Refusals, by reason:")
+        lines += [f"- {reason} — {', '.join(fams)}" for reason, fams in refused.items()]
+        lines.append("")
+    if no_moe: lines.append(f"**Refused as having no MoE layer although it has fused experts: {', '.join(no_moe)}.**")
+    lines.append("Importance NOT faithful to the router: " + (", ".join(unfaithful) if unfaithful else "none") + ".")
+    if unchecked: lines.append(f"**Importance could not be checked (the reading crashed): {', '.join(unchecked)}.**")
+    if gate_refused:
+        lines.append("importance='gate' refused, because the router weighs its chosen experts by no known score "
+                     f"function of its logits (importance='selection' reads it): {', '.join(gate_refused)}.")
+    problems = [f"{r.family} ({name})" for r in attached for name in ("merged", "cycle", "peft")
+                if not getattr(r, name).startswith(("ok", "exported"))]
+    lines.append("Merge, cycle or peft export failing: " + (", ".join(problems) if problems else "none") + ".")
+    return lines
+
+def markdown(rows: list[Row], skipped: dict[str, str], command: str, seconds: float) -> str:
+    cell = lambda v: str(v).replace("|", "\\|") or "—"
+    table = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    table += ["| " + " | ".join(cell(getattr(r, k)) for k, _ in COLUMNS) + " |" for r in rows]
+    notes = [f"- {r.family}: built with {r.built_with} (AutoModelForCausalLM does not map it)"
+             for r in rows if r.built_with not in ("", "AutoModelForCausalLM")]
+    notes += [f"- {r.family}: {n}" for r in rows for n in r.notes]
+    return "\n".join([
+        "# MoE coverage", "",
+        "<!-- Generated by scripts/coverage.py: do not edit by hand, run the script. -->", "",
+        "Every transformers model family whose experts use transformers' fused-experts interface "
+        "(`use_experts_implementation`) and which has a causal-LM class, as a tiny model (hidden 64, 8 experts, "
+        "top-2, two to four layers, fp32 on the CPU; router weights of std 0.15 and, where the router has one, a "
+        "correction bias of std 0.3, so that routing looks learned). "
+        "Everything below is what this run measured.", "",
+        f"- transformers {transformers.__version__}, torch {torch.__version__}, epng {epng.__version__}",
+        f"- run on {datetime.date.today().isoformat()} in {seconds:.0f} s", f"- command: `{command}`", "",
+        "Columns: *router kind* is the score function epng infers per MoE layer (*reference*: the one the routing "
+        "weights are found proportional to by a direct ratio test, written independently of epng; *hash*: a layer "
+        "that chooses by token id). *Importance faithful*: Spearman ρ of epng's p̄ against the same quantity "
+        "computed from the router's own outputs of one training forward (ρ ≥ 0.99 in every layer, and for 'gate' "
+        "the same router kind). *Selection departs*: the largest share, over layers, of tokens whose chosen "
+        "experts are not the top-k of the router's scores (a correction bias or group limit at work; hash layers "
+        "left out). *Merged "
+        "equality*: max |Δlogits| / max |logits| of `handle.merged_model()` against the adapted model after one "
+        "cycle and random B factors (≤ 1e-5). *peft export*: `export_peft`, then the same after reloading with "
+        "peft (≤ 1e-4).", "",
+        *summary(rows), "", *table, "",
+        *(["Notes:", *notes, ""] if notes else []),
+        *(["Modules with fused experts that are not in the table:",
+           *[f"- {m}: {why}" for m, why in skipped.items()], ""] if skipped else []),
+    ])
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="*", help="model types to check (default: every family found)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"), help="where to write the table")
+    args = parser.parse_args(argv)
+    start, verbosity = time.time(), transformers.logging.get_verbosity()
+    families, skipped = (args.families, {}) if args.families else moe_families()
+    rows = []
+    transformers.logging.set_verbosity_error()   # tiny configs make transformers warn about sizes, not our business
+    try:
+        for family in families:
+            t = time.time()
+            rows.append(check_family(family))
+            print(f"{family:28s} {time.time() - t:5.1f}s  {rows[-1].attach[:70]}", file=sys.stderr, flush=True)
+    finally: transformers.logging.set_verbosity(verbosity)
+    command = COMMAND + (f" --families {' '.join(args.families)}" if args.families else "")
+    out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(rows, skipped, command, time.time() - start) + "\n", encoding="utf-8")
+    print("\n".join(summary(rows)), file=sys.stderr)
+    return rows
+
+if __name__ == "__main__":
+    main()
