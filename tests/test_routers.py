@@ -1,10 +1,15 @@
 "Importance follows the router that is there: softmax, sigmoid or √softplus scores, correction bias, groups, hash layers."
-import warnings
+import importlib.util, sys, warnings
+from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 import epng
 from epng.gates import GateCollector, IMPORTANCE
+
+_spec = importlib.util.spec_from_file_location("coverage_script", Path(__file__).resolve().parents[1] / "scripts" / "coverage.py")
+COVERAGE = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)   # its dataclasses look their module up
+_spec.loader.exec_module(COVERAGE)
 
 # the score function each family's modeling code applies (read from transformers 5.24), written out independently of
 # epng, which infers it from the router's output; per MoE layer, "hash" for a layer that chooses by token id
@@ -12,19 +17,7 @@ BIASED = {"deepseek_v3", "minimax_m2", "afmoe", "deepseek_v4"}   # a correction 
 FAMILIES = {"olmoe": ["softmax"] * 2, "qwen2_moe": ["softmax"] * 2, "hunyuan_v1_moe": ["softmax"] * 2,
             "deepseek_v3": ["sigmoid"] * 2, "minimax_m2": ["sigmoid"] * 2, "afmoe": ["sigmoid"] * 2,
             "deepseek_v4": ["hash", "sqrtsoftplus"], "gemma4_text": ["probabilities"] * 2}
-REFERENCE_SCORES = {"softmax": lambda l: l.softmax(-1), "sigmoid": torch.sigmoid, "probabilities": lambda p: p,
-                    "sqrtsoftplus": lambda l: torch.nn.functional.softplus(l).sqrt()}
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    "Spearman's rank correlation (tied values share their mean rank)."
-    def ranks(x):
-        x = x.double()
-        r = torch.empty_like(x); r[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
-        for v in x.unique(): r[x == v] = r[x == v].mean()
-        return r - r.mean()
-    ra, rb = ranks(a), ranks(b)
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+REFERENCE_SCORES, spearman = COVERAGE.REFERENCE_SCORES, COVERAGE.spearman   # written out independently of epng
 
 
 def learned_looking(arch: str, seed: int = 0):
@@ -32,19 +25,7 @@ def learned_looking(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(epng.tiny_moe_config(arch)).train()
     layers = epng.find_moe_layers(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers:
-            E, H = layer.num_experts, layer.hidden_size
-            for m in layer.router.modules():
-                if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.shape == (E, H):
-                    m.weight.copy_(0.15 * torch.randn(E, H, generator=g))
-            for name, t in [*layer.block.named_buffers(), *layer.block.named_parameters()]:
-                if "bias" in name and t.shape == (E,) and not name.startswith(("experts", "shared")):
-                    t.copy_(0.3 * torch.randn(E, generator=g))      # e_score_correction_bias, expert_bias
-            table = getattr(layer.router, "tid2eid", None)
-            if table is not None:   # a hash table that favours low expert ids, as a real one is uneven
-                table.copy_(torch.multinomial(torch.linspace(2, 0.2, E).expand(len(table), E), layer.top_k, generator=g))
+    COVERAGE.learned_looking(model, layers, seed)   # the coverage table's routers are made the same way
     return model, layers
 
 
