@@ -231,13 +231,17 @@ def reference_kind(logits, weights, index, routes_by_token: bool) -> str:
     return best if best is not None and spreads[best] < 1e-3 else "none"
 
 def reference_reading(outputs, kind: str, importance: str, num_experts: int) -> torch.Tensor:
-    "Mean per-expert reading of one layer from its router outputs: f/Σf for 'gate', 1/k per choice for 'selection'."
+    """Mean per-expert reading of one layer from its router outputs: f/Σf for 'gate', 1/k per choice for 'selection',
+    each choice's share of the token's routing weight for 'weight'."""
     logits = torch.cat([o[0] for o in outputs]).double()
     index = torch.cat([o[2] for o in outputs]).long()
     if importance == "gate" and kind not in ("hash", "none"):
         s = REFERENCE_SCORES[kind.split()[0]](logits)
         return (s / s.sum(-1, keepdim=True)).mean(0)
-    share = torch.full(index.shape, 1 / index.shape[1], dtype=torch.double)
+    if importance == "weight":
+        w = torch.cat([o[1] for o in outputs]).double()
+        share = w / w.sum(-1, keepdim=True)
+    else: share = torch.full(index.shape, 1 / index.shape[1], dtype=torch.double)
     return torch.zeros(len(logits), num_experts, dtype=torch.double).scatter_add_(1, index, share).mean(0)
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -275,6 +279,7 @@ class Row:
     refusal_kind: str = ""            # the error class of a refusal
     gate: str = ""                    # importance='gate': faithful (Spearman) / NOT faithful / refused: ...
     selection: str = ""
+    weight: str = ""
     departure: str = ""               # share of tokens whose choice is not the top-k of the scores
     merged: str = ""
     cycle: str = ""
@@ -305,10 +310,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 def check_readings(row: Row, model, handle) -> None:
-    "One training forward: epng's 'gate' and 'selection' readings against the router outputs of that same forward."
+    "One training forward: epng's three readings against the router outputs of that same forward."
     layers = handle.layers
     selection = epng.ExpertImportance(len(layers), layers[0].num_experts)
+    weight = epng.ExpertImportance(len(layers), layers[0].num_experts)
     collector = GateCollector(model, layers, selection.add, importance="selection")
+    by_weight = GateCollector(model, layers, weight.add, importance="weight")
     store, hooks = record_router_outputs(layers)
     model.train()
     gate_error = None
@@ -320,12 +327,12 @@ def check_readings(row: Row, model, handle) -> None:
                 gate_error = e
                 handle.collector.enabled = False
                 for v in store.values(): v.clear()
-                selection.sums.zero_(); selection.counts.zero_()
+                for imp in (selection, weight): imp.sums.zero_(); imp.counts.zero_()
                 model(**_batch(), labels=_batch()["input_ids"], use_cache=False)
                 handle.collector.enabled = True
     finally:
         for h in hooks: h.remove()
-        collector.remove()
+        collector.remove(); by_weight.remove()
     kinds = [collector.kinds.get(l.index, "not called") for l in layers]
     refs = [reference_kind(*_cat(store[l.index]), l.routes_by_token) if store[l.index] else "not called"
             for l in layers]
@@ -333,16 +340,17 @@ def check_readings(row: Row, model, handle) -> None:
     departures = [epng.gates.selection_departure(*_cat(store[l.index])[0::2]) for l in layers if store[l.index]
                   and not l.routes_by_token and _cat(store[l.index])[2] is not None]
     row.departure = f"{max(departures):.0%}" if departures else "n/a"
-    readings = {"selection": selection.mean()}
+    readings = {"selection": selection.mean(), "weight": weight.mean()}
     if gate_error is None: readings["gate"] = handle.importance.mean()
     else: row.gate = f"refused: {first_sentence(gate_error)}"
     faithful = True
     for importance, table in readings.items():
         rhos = []
         for l, kind in zip(layers, refs):
-            if not store[l.index] or (importance == "selection" and store[l.index][0][2] is None): continue
+            if not store[l.index] or (importance != "gate" and store[l.index][0][2] is None): continue
+            if importance == "weight" and store[l.index][0][1] is None: continue   # logits only: no weights to read
             rhos.append(spearman(table[l.index], reference_reading(store[l.index], kind, importance, l.num_experts)))
-        ok = bool(rhos) and min(rhos) >= 0.99 and (importance == "selection" or kinds == refs)
+        ok = bool(rhos) and min(rhos) >= 0.99 and (importance != "gate" or kinds == refs)
         faithful &= ok
         text = (f"yes (min ρ {min(rhos):.3f})" if ok else
                 f"**NOT faithful** (min ρ {min(rhos):.3f}; epng reads {row.router}, "
@@ -439,7 +447,7 @@ def router_note(model, message: str) -> str | None:
 
 COLUMNS = [("family", "family"), ("router", "router kind (epng)"), ("reference_router", "router kind (reference)"),
            ("attach", "attach"), ("gate", "importance 'gate' faithful"),
-           ("selection", "importance 'selection' faithful"),
+           ("selection", "importance 'selection' faithful"), ("weight", "importance 'weight' faithful"),
            ("departure", "selection departs from gate"), ("merged", "merged equality"), ("cycle", "cycle keeps budget"),
            ("peft", "peft export")]
 
