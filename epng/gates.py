@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from fastcore.basics import patch
-from .moe import EPnGError, MoELayer
+from .moe import EPnGError, MoELayer, find_moe_layers
 
 # %% auto #0
 __all__ = ['SCORE_FUNCTIONS', 'IMPORTANCE', 'gate_probs', 'gate_stats', 'token_mask', 'check_importance', 'router_outputs',
@@ -212,22 +212,25 @@ def plot_expert_heatmap(values: torch.Tensor, title: str = "", ax=None, cmap: st
 # %% ../nbs/04_gates.ipynb #8f16e17b
 @torch.no_grad()
 def domain_gate_means(model, tokenizer, rows: list[dict], batch_size: int = 16, max_length: int = 256) -> dict[str, torch.Tensor]:
-    "Per domain, the mean full-softmax gate probability of every (layer, expert) over the real tokens of that domain's rows."
+    "Per domain, the mean gate probability of every (layer, expert) over the real tokens of that domain's rows."
     if not rows or any("domain" not in r or "text" not in r for r in rows):
         raise EPnGError("domain_gate_means needs rows with 'domain' and 'text', such as nano_corpus(...) gives.")
-    side, means = tokenizer.padding_side, {}
+    layers, side, means = find_moe_layers(model), tokenizer.padding_side, {}
     tokenizer.padding_side = "right"
     model.eval()
     try:
         for domain in sorted({r["domain"] for r in rows}):
-            texts, total, count = [r["text"] for r in rows if r["domain"] == domain], 0, 0
-            for i in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                max_length=max_length).to(model.device)
-                logits = model(**enc, output_router_logits=True).router_logits  # one (batch·seq, E) per layer
-                stats = [gate_stats(layer_logits, enc["attention_mask"].reshape(-1)) for layer_logits in logits]
-                total = total + torch.stack([s for s, _ in stats]); count += stats[0][1]
-            means[domain] = (total / count).cpu()
+            texts = [r["text"] for r in rows if r["domain"] == domain]
+            total, count = torch.zeros(len(layers), layers[0].num_experts), torch.zeros(len(layers), 1)
+            def sink(layer, s, n): total[layer] += s.cpu(); count[layer] += float(n)
+            collector = GateCollector(model, layers, sink, training_only=False)   # the collector training uses
+            try:
+                for i in range(0, len(texts), batch_size):
+                    enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                                    max_length=max_length).to(model.device)
+                    model(**enc)
+            finally: collector.remove()
+            means[domain] = total / count
     finally: tokenizer.padding_side = side
     return means
 
