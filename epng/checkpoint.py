@@ -14,7 +14,7 @@ from .config import EPnGConfig
 from .lora import ExpertLoRA, round_up
 from .handle import EPnGHandle, attach
 from .growth import grow_capacity, prune_experts, rank_limit
-from .io import atomic_dir, write_safetensors
+from .io import JSONFileError, atomic_dir, read_json, write_safetensors
 from .compat import RENAMED_KNOBS, moved_names, renamed_keywords
 
 # %% auto #0
@@ -108,19 +108,8 @@ def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
 
 def _read_metadata(file: Path) -> dict:
     "The JSON object in `file`, or an error that names the file and says what is wrong with it."
-    try:
-        if file.stat().st_size > MAX_ADAPTER_JSON_BYTES:
-            raise _bad(file, f"it is {file.stat().st_size:,} bytes, more than the {MAX_ADAPTER_JSON_BYTES:,} an "
-                             "adapter's JSON can need")
-        raw = file.read_bytes()
-    except OSError as e: raise InvalidAdapterError(f"cannot read {file}: {e}") from None
-    if not raw.strip(): raise _bad(file, "the file is empty")
-    try: metadata = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError: raise _bad(file, "it is not UTF-8 text") from None
-    except json.JSONDecodeError as e: raise _bad(file, f"it is not valid JSON ({e.msg} at line {e.lineno}; cut short?)") from None
-    except RecursionError: raise _bad(file, "it nests lists/objects thousands deep") from None
-    if not isinstance(metadata, dict): raise _bad(file, f"it holds a JSON {type(metadata).__name__}, not an object")
-    return metadata
+    try: return read_json(file, MAX_ADAPTER_JSON_BYTES, "adapter's JSON")
+    except JSONFileError as e: raise _bad(file, "it " + e.reason) from None
 
 # %% ../nbs/10a_checkpoint.ipynb #3f25ca89
 def _check_fields(metadata: dict, where) -> EPnGConfig:

@@ -13,8 +13,8 @@ from .moe import EPnGError
 
 # %% auto #0
 __all__ = ['STATE_FORMAT', 'STATE_VERSION', 'MAX_STATE_JSON', 'write_safetensors', 'atomic_write_json', 'atomic_dir',
-           'is_stale_temporary', 'remove_stale_temporaries', 'StateFileError', 'flatten_state', 'unflatten_state',
-           'save_state', 'load_state']
+           'is_stale_temporary', 'remove_stale_temporaries', 'JSONFileError', 'read_json', 'StateFileError',
+           'flatten_state', 'unflatten_state', 'save_state', 'load_state']
 
 # %% ../nbs/01_io.ipynb #dd3af9f6
 def _fsync_dir(path: Path) -> None:
@@ -159,6 +159,30 @@ def remove_stale_temporaries(folder) -> list[Path]:
     except OSError as e: raise _write_error(folder, e) from e
     return removed
 
+# %% ../nbs/01_io.ipynb #70eade06
+class JSONFileError(EPnGError):
+    "A JSON file that cannot be read as what it should hold: `path`, and `reason`, what is wrong with it."
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path} {reason}")
+        self.path, self.reason = path, reason
+
+def read_json(path, limit: int, what: str, object_only: bool = True):
+    """The JSON value in `path` (a dict when `object_only`), read only when the file is at most `limit` bytes; `what`
+    names what the file holds, for the message about its size."""
+    path = Path(path)
+    def bad(reason): raise JSONFileError(path, reason)
+    try:
+        if (size := path.stat().st_size) > limit: bad(f"is {size:,} bytes, more than any {what} ({limit:,} bytes)")
+        raw = path.read_bytes()
+    except OSError as e: bad(f"cannot be read ({e.strerror or e})")
+    if not raw.strip(): bad("is empty")
+    try: value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e: bad(f"is not UTF-8 text (byte {e.start}: {e.reason}; UTF-16 or another encoding?)")
+    except json.JSONDecodeError as e: bad(f"is not valid JSON ({e.msg} at line {e.lineno}; cut short?)")
+    except RecursionError: bad("nests its JSON deeper than Python can parse")
+    if object_only and not isinstance(value, dict): bad(f"holds a JSON {type(value).__name__}, not an object")
+    return value
+
 # %% ../nbs/01_io.ipynb #8c00fc49
 class StateFileError(EPnGError):
     "A saved state (safetensors + JSON) is damaged, incomplete or not ours."
@@ -242,12 +266,9 @@ def load_state(folder, name: str) -> object:
     meta, weights = Path(folder) / f"{name}.json", Path(folder) / f"{name}.safetensors"
     for f in (meta, weights):
         if not f.is_file(): raise StateFileError(f"{f} is missing: the state in {folder} is incomplete.")
-    if (size := meta.stat().st_size) > MAX_STATE_JSON:
-        raise StateFileError(f"{meta} is {size:,} bytes, more than any epng state ({MAX_STATE_JSON:,}): it is not ours.")
-    try: record = json.loads(meta.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:   # RecursionError: nesting no state of ours has
-        raise StateFileError(f"{meta} is not valid JSON ({e}): it is damaged.") from None
-    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT or "state" not in record:
+    try: record = read_json(meta, MAX_STATE_JSON, "epng state")
+    except JSONFileError as e: raise StateFileError(f"{e}: it is damaged, or not ours.") from None
+    if record.get("format") != STATE_FORMAT or "state" not in record:
         raise StateFileError(f"{meta} is not an epng state file.")
     if not isinstance(record.get("format_version"), int) or record["format_version"] > STATE_VERSION:
         raise StateFileError(f"{meta} has format version {record.get('format_version')!r}; this epng reads <= "

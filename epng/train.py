@@ -24,7 +24,7 @@ from .nano import load_nano
 from .samples import nano_task
 from .loop import LORA_METHODS, EPnGController, average_over_processes, plot_cycle_history, plot_losses
 from .loop import cycle_steps, check_controller_state, OLD_FORMAT_HINT
-from .io import save_state, load_state
+from .io import JSONFileError, load_state, read_json, save_state
 from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning, base_parameter_count
 from .io import atomic_dir, atomic_write_json, remove_stale_temporaries, write_safetensors, is_stale_temporary
 from .checkpoint import save_adapter, read_adapter, load_adapter_into
@@ -50,17 +50,10 @@ def check_model_files(folder) -> None:
     "Raise `EPnGError` naming the first unreadable file of a local model folder: bad JSON or encoding, broken safetensors."
     folder = Path(folder)
     for f in sorted(folder.glob("*.json")):
-        if (size := f.stat().st_size) > MAX_MODEL_JSON_BYTES:   # checked before reading: parsing costs many times it
-            raise EPnGError(f"{f} is {size:,} bytes, more than any model's JSON ({MAX_MODEL_JSON_BYTES:,}): it is not "
-                            "read. If it is genuine, raise epng.train.MAX_MODEL_JSON_BYTES.")
-        try: json.loads(f.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise EPnGError(f"{f} is not UTF-8 text (byte {e.start}: {e.reason}; UTF-16 or another encoding?): "
-                            "save it as UTF-8.") from None
-        except ValueError as e: raise EPnGError(f"{f} is not valid JSON ({e}): repair or download it again.") from None
-        except RecursionError:                     # nested deeper than json can parse: no model writes that
-            raise EPnGError(f"{f} nests its JSON deeper than Python can parse: it is not a model's file; repair or "
-                            "download it again.") from None
+        try: read_json(f, MAX_MODEL_JSON_BYTES, "model's JSON", object_only=False)
+        except JSONFileError as e:
+            raise EPnGError(f"{e}: repair it or download it again (a genuine file past the limit: raise "
+                            "epng.train.MAX_MODEL_JSON_BYTES).") from None
     for f in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(f, "pt") as st: st.keys()
@@ -227,11 +220,8 @@ BUDGET_METHODS = ("static", "epng")   # the methods whose rank sum is the budget
 def saved_settings(folder: Path, args: TrainArgs) -> dict:
     "The checkpoint's args.json, read within limits and compared with `args`: the optimizer settings that changed."
     def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
-    if (folder / "args.json").stat().st_size > 2**20: damaged("args.json is larger than any run's settings")
-    try: saved = json.loads((folder / "args.json").read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e: damaged(f"args.json is not JSON ({e})")
-    except RecursionError: damaged("args.json nests deeper than any run's settings")
-    if not isinstance(saved, dict): damaged("args.json does not hold the run's settings")
+    try: saved = read_json(folder / "args.json", 2**20, "run's settings")
+    except JSONFileError as e: damaged(f"args.json {e.reason}")
     try: saved = renamed_keywords(saved, RENAMED_KNOBS, "args.json", warn=False)   # a run started before 0.2
     except TypeError as e: damaged(str(e))
     try: changes = check_resumable(saved, args)            # settings first: they say which files the run wrote

@@ -380,12 +380,12 @@ RAW_DAMAGE = {   # file-level damage: (file, how, message)
     "truncated safetensors": (ADAPTER_WEIGHTS, _cut, "not a readable safetensors file"),
     "empty safetensors": (ADAPTER_WEIGHTS, lambda f: f.write_bytes(b""), "not a readable safetensors file"),
     "garbage safetensors": (ADAPTER_WEIGHTS, lambda f: f.write_bytes(b"\x80\x00" * 50), "not a readable safetensors file"),
-    "empty json": (ADAPTER_CONFIG, lambda f: f.write_text(""), "the file is empty"),
+    "empty json": (ADAPTER_CONFIG, lambda f: f.write_text(""), "it is empty"),
     "truncated json": (ADAPTER_CONFIG, _cut, "it is not valid JSON"),
     "non-json metadata": (ADAPTER_CONFIG, lambda f: f.write_text("format: epng-adapter\n"), "it is not valid JSON"),
     "json list": (ADAPTER_CONFIG, lambda f: f.write_text("[1, 2]"), "it holds a JSON list, not an object"),
     "latin-1 json": (ADAPTER_CONFIG, lambda f: f.write_bytes(f.read_bytes().replace(b"}", b"\xe9}", 1)), "not UTF-8 text"),
-    "deep json": (ADAPTER_CONFIG, lambda f: f.write_text("[" * 100_000 + "]" * 100_000), "nests lists/objects thousands deep"),
+    "deep json": (ADAPTER_CONFIG, lambda f: f.write_text("[" * 100_000 + "]" * 100_000), "it nests its JSON deeper than Python can parse"),
 }
 
 
@@ -433,7 +433,7 @@ def test_an_oversized_adapter_json_is_not_read(saved_adapter, tmp_path, monkeypa
     base, _, folder = saved_adapter
     bad = _edit(folder, tmp_path / "big", meta=lambda m: m["extra"].update(padding="x" * 100_000))
     monkeypatch.setattr(checkpoint, "MAX_ADAPTER_JSON_BYTES", 50_000)
-    with pytest.raises(InvalidAdapterError, match=r"epng_adapter.json is not a usable .*more than the 50,000 an adapter's JSON"):
+    with pytest.raises(InvalidAdapterError, match=r"epng_adapter.json is not a usable .*more than any adapter's JSON \(50,000 bytes\)"):
         load_adapter(copy.deepcopy(base), bad)
     monkeypatch.undo()
     assert load_adapter(copy.deepcopy(base), bad).budget == 128

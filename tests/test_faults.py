@@ -313,7 +313,7 @@ def test_resume_path_is_checked_before_the_model_loads(full_run, tmp_path, monke
     shutil.copytree(checkpoint_dir(out, 3), bad)
     (bad / "trainer.json").write_bytes(b"\xff\xfe{")
     _no_model(monkeypatch)
-    with pytest.raises(epng.EPnGError, match="trainer.json is not valid JSON"):
+    with pytest.raises(epng.EPnGError, match="trainer.json is not UTF-8 text"):
         train(TrainArgs(**SMALL, resume=str(bad), output_dir=str(tmp_path / "run")), progress=False)
     with pytest.raises(epng.EPnGError, match="cannot resume.*rank: 8 → 4"):
         train(TrainArgs(**SMALL, rank=4, resume=str(checkpoint_dir(out, 3)), output_dir=str(tmp_path / "run")),
@@ -521,7 +521,7 @@ def test_latest_skips_misnamed_linked_nested_and_foreign_checkpoints(full_run, t
     assert len(skipped) == 3
     assert "checkpoint-999999" in skipped[0] and "holds the state after step 3, not 999999" in skipped[0]
     assert "checkpoint-40" in skipped[1] and "cannot resume" in skipped[1] and "rank: 4 → 8" in skipped[1]
-    assert "checkpoint-30" in skipped[2] and "args.json nests deeper" in skipped[2]
+    assert "checkpoint-30" in skipped[2] and "args.json nests its JSON deeper" in skipped[2]
     with pytest.raises(epng.EPnGError, match="checkpoint-40: cannot resume.*rank: 4 → 8") as e:   # given explicitly
         next(T.resume_candidates(dataclasses.replace(full["args"], resume=str(run / "checkpoint-40"))))
     assert not isinstance(e.value, T.DamagedCheckpointError)

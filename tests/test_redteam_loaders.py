@@ -95,7 +95,7 @@ def test_state_json_past_the_limit_is_refused_before_parsing(tmp_path):
     (tmp_path / "trainer.json").write_text('{"format": "epng-state", "format_version": 1, "state": ['
                                            + "{}," * (MAX_STATE_JSON // 3) + "{}]}")
     err, peak = _peak_mib(lambda: load_state(tmp_path, "trainer"), StateFileError)
-    assert f"more than any epng state ({MAX_STATE_JSON:,})" in str(err) and peak < 4
+    assert f"more than any epng state ({MAX_STATE_JSON:,} bytes)" in str(err) and peak < 4
 
 
 @pytest.mark.parametrize("text", ['{"format": "epng-state", "format_version": 1, "state": ' + "[" * 100_000,
