@@ -49,10 +49,11 @@ def renamed_arguments(**renames):
 
 def renamed_attribute(old: str, new: str) -> property:
     "A property that reads and writes the attribute `new` under its old name `old`, with a warning."
-    def warn(): warnings.warn(f"{old!r} is now called {new!r} ({old!r} goes in the next release).",
-                              DeprecationWarning, stacklevel=3)
-    def get(self): warn(); return getattr(self, new)
-    def put(self, value): warn(); setattr(self, new, value)
+    def warn(stacklevel): warnings.warn(f"{old!r} is now called {new!r} ({old!r} goes in the next release).",
+                                        DeprecationWarning, stacklevel=stacklevel)
+    def get(self): warn(3); return getattr(self, new)
+    def put(self, value):   # a class's own __setattr__ (nn.Module's) is one more frame between the caller and here
+        warn(4 if type(self).__setattr__ is not object.__setattr__ else 3); setattr(self, new, value)
     return property(get, put, doc=f"The old name of `{new}`.")
 
 # %% ../nbs/00a_compat.ipynb #24e5b14b

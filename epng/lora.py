@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from .compat import (apply_gate, grouped_experts_forward, grouped_linear, register_experts_function,
-                         set_experts_implementation)
+                         renamed_attribute, set_experts_implementation)
 from .moe import MoELayer, EPnGError
 
 # %% auto #0
@@ -223,18 +223,7 @@ def _add_grouped_b(self: ExpertLoRA, out: torch.Tensor, targets: tuple, u: torch
     return out.add_(grouped_linear(u, b, offsets))
 
 # %% ../nbs/08_lora.ipynb #9401be69
-def _renamed_switch(old: str, new: str) -> property:
-    "A property `old` that reads and writes the attribute `new`, with a DeprecationWarning."
-    message = f"ExpertLoRA.{old} is now ExpertLoRA.{new} ({old} goes in the next release)."
-    def get(self):
-        warnings.warn(message, DeprecationWarning, stacklevel=2)
-        return getattr(self, new)
-    def set(self, value):
-        warnings.warn(message, DeprecationWarning, stacklevel=3)   # called through nn.Module.__setattr__
-        setattr(self, new, value)
-    return property(get, set, doc=f"Deprecated: use `{new}`.")
-
-ExpertLoRA.one_b = _renamed_switch("one_b", "grouped_b")
+ExpertLoRA.one_b = renamed_attribute("one_b", "grouped_b")
 
 @patch
 def one_grouped_b(self: ExpertLoRA, device: torch.device) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json, math
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
+from fastcore.basics import patch
 from .compat import RENAMED_KNOBS, renamed_arguments, renamed_attribute
 
 # %% auto #0
@@ -56,40 +57,9 @@ def newest_run(method: str) -> Path | None:
     runs = sorted(p for p in Path("outputs").glob(f"{method}-*") if p.is_dir())
     return runs[-1] if runs else None
 
-# %% ../nbs/12_settings.ipynb #937ad915
-class _TrainArgsMethods:
-    "What `TrainArgs` (below) can do: fill in its preset, check itself, give the method's `EPnGConfig`."
-    def resolved(self) -> "TrainArgs":
-        "A copy with the values of this model's preset filled in and every setting checked."
-        preset = PRESETS[preset_for(self.model)[0]]
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update({k: v for k, v in preset.items() if values[k] is None})
-        values["targets"] = tuple(values["targets"])
-        args = TrainArgs(**values)
-        args.check()
-        return args
-
-    def check(self) -> None:
-        "Raise `EPnGError` listing every setting that is not a valid value, before anything is loaded."
-        from epng.moe import EPnGError         # here, as in preset_for: this module imports no torch
-        from epng.loop import check_method
-        check_method(self.method)
-        problems = [msg for ok, msg in _value_checks(self) + _run_checks(self) if not ok]
-        if problems: raise EPnGError("invalid training settings: " + "; ".join(problems))
-        self.epng_config()  # validates rank, α, β, schedule, targets
-
-    def epng_config(self):
-        "The `EPnGConfig` (notebook 06) of these settings."
-        from epng.config import EPnGConfig
-        return EPnGConfig(rank=self.rank, targets=self.targets, prune_ratio=self.prune_ratio, grow_ratio=self.grow_ratio,
-                          warmup_steps=self.warmup_steps, cycle_interval=self.cycle_interval, importance_decay=self.importance_decay,
-                          lora_alpha=self.lora_alpha, max_rank=self.max_rank, importance=self.importance)
-
-    def to_dict(self) -> dict: return {**asdict(self), "targets": list(self.targets)}
-
 # %% ../nbs/12_settings.ipynb #22dd8cea
 @dataclass
-class TrainArgs(_TrainArgsMethods):
+class TrainArgs:
     "Settings of one run; `None` takes the preset's value (`preset_for`: `embedded` for the nano model, else `paper`)."
     model: str = EMBEDDED                # hub id, local folder, or 'embedded': the nano OLMoE shipped with epng
     dataset: str = EMBEDDED              # 'metamathqa', 'codealpaca', a .json/.jsonl file, or 'embedded' (nano task)
@@ -124,6 +94,39 @@ class TrainArgs(_TrainArgsMethods):
     save_steps: int = 0                  # a checkpoint every n steps (0: only at the end, or when the run is stopped)
     resume: str | None = None            # a checkpoint folder, or 'latest': the newest intact one in output_dir
     dist_timeout: float = 300.0          # seconds a process waits for the others before the run stops
+
+# %% ../nbs/12_settings.ipynb #d6673551
+@patch
+def resolved(self: TrainArgs) -> "TrainArgs":
+    "A copy with the values of this model's preset filled in and every setting checked."
+    preset = PRESETS[preset_for(self.model)[0]]
+    values = {f.name: getattr(self, f.name) for f in fields(self)}
+    values.update({k: v for k, v in preset.items() if values[k] is None})
+    values["targets"] = tuple(values["targets"])
+    args = TrainArgs(**values)
+    args.check()
+    return args
+
+@patch
+def check(self: TrainArgs) -> None:
+    "Raise `EPnGError` listing every setting that is not a valid value, before anything is loaded."
+    from epng.moe import EPnGError         # here, as in preset_for: this module imports no torch
+    from epng.loop import check_method
+    check_method(self.method)
+    problems = [msg for ok, msg in _value_checks(self) + _run_checks(self) if not ok]
+    if problems: raise EPnGError("invalid training settings: " + "; ".join(problems))
+    self.epng_config()  # validates rank, α, β, schedule, targets
+
+@patch
+def epng_config(self: TrainArgs):
+    "The `EPnGConfig` (notebook 06) of these settings."
+    from epng.config import EPnGConfig
+    return EPnGConfig(rank=self.rank, targets=self.targets, prune_ratio=self.prune_ratio, grow_ratio=self.grow_ratio,
+                      warmup_steps=self.warmup_steps, cycle_interval=self.cycle_interval, importance_decay=self.importance_decay,
+                      lora_alpha=self.lora_alpha, max_rank=self.max_rank, importance=self.importance)
+
+@patch
+def to_dict(self: TrainArgs) -> dict: return {**asdict(self), "targets": list(self.targets)}
 
 # %% ../nbs/12_settings.ipynb #34d09360
 TrainArgs.__init__ = renamed_arguments(**RENAMED_KNOBS)(TrainArgs.__init__)

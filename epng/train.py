@@ -605,7 +605,7 @@ def resume_into(model, dataset, run: dict) -> dict:
                 start=start, losses=losses, changes=changes, last_good=last_good)
 
 # %% ../nbs/13_train.ipynb #efd978ec
-def step_loss(model, batches, tuner, run: dict) -> torch.Tensor:
+def step_loss(model, batches, trainable: list, run: dict) -> torch.Tensor:
     "Forward and backward over one step's `grad_accum` micro-batches, gradients averaged over processes: the mean loss."
     args, world, device = run["args"], run["world"], run["device"]
     total = torch.zeros((), device=device)
@@ -613,7 +613,7 @@ def step_loss(model, batches, tuner, run: dict) -> torch.Tensor:
         loss = model(**to_device(next(batches), device)).loss / args.grad_accum
         loss.backward()
         total += loss.detach()
-    average_gradients(list(tuner.parameters()), world)
+    average_gradients(trainable, world)
     if world > 1: dist.all_reduce(total); total /= world
     return total
 
@@ -653,9 +653,9 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
     bar = tqdm(range(s["start"] + 1, args.max_steps + 1), desc=f"{args.method} training", disable=not progress or rank > 0)
     with bounded_wait(args.dist_timeout, world), StopSignals() as stop:
         for step in bar:
-            total = step_loss(model, batches, tuner, run)
+            trainable = list(tuner.parameters())             # this step's: growth may have replaced a factor
+            total = step_loss(model, batches, trainable, run)
             if not torch.isfinite(total): raise diverged(f"the loss is {total.item()}", step, last_good, args.lr)
-            trainable = list(tuner.parameters())
             norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
             if not torch.isfinite(norm): raise diverged(f"the gradient norm is {norm.item()} (with a finite loss, "
                                                         f"{total.item():.4g})", step, last_good, args.lr)
