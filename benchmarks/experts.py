@@ -7,11 +7,11 @@
 Variants, all on the same block (H 2048, I 1024, 64 experts, top-8), the input requiring grad:
   base        frozen experts, transformers' grouped_mm path
   epng        rank-8 LoRA on gate and up of every expert
-  epng-skew   20 % of experts pruned, their ranks given to a few experts (mean rank 8, max rank 34)
+  epng-skew   a real run's rank map: 50 of 64 experts pruned, 14 at rank 36-37 (mean rank 8)
   peft        peft LoraConfig(target_parameters=["mlp.experts.gate_up_proj"]) with r=12: the same trainable count
 Time: median and minimum over interleaved rounds, so drift hits every variant alike. Memory: the peak above the resident
 weights and input during one forward+backward (CPU: VmHWM of a fresh process per variant; GPU: allocator peak).
-Prints ratios to the frozen base, measured in this one run.
+Prints ratios to the frozen base and skewed/uniform, measured in this one run.
 """
 import argparse, gc, json, os, statistics, subprocess, sys, time
 import torch
@@ -33,10 +33,10 @@ def build(variant, device, dtype):
         h = epng.attach(model, epng.EPnGConfig(rank=8))
         with torch.no_grad():
             for p in h.parameters(): p.normal_(std=0.01)
-        if variant == "epng-skew":  # prune 13 experts (104 ranks), give them to 4 experts: 8 -> 34
-            for e in range(13): h.prune(0, e)
-            for e in range(13, 17): h.grow(0, e, 26)
-            assert int(h.ranks.sum()) == 8 * 64
+        if variant == "epng-skew":  # a real run's map: 50 experts pruned, their 400 ranks on 14 experts (36-37)
+            for e in range(50): h.prune(0, e)
+            for e in range(50, 64): h.grow(0, e, 29 if e < 58 else 28)
+            assert int(h.ranks.sum()) == 8 * 64 and int(h.ranks.max()) == 37
         trainable = h.num_trainable()
     elif variant == "peft":
         from peft import LoraConfig, get_peft_model
@@ -126,6 +126,10 @@ def main():
         print(f"{v:10s} {trainable[v]:10,d} {1000 * med:10.1f} {med / base_t:7.2f} "
               f"{med / statistics.median(times['peft']):7.2f} {1000 * low:8.1f} {low / min(times['base']):7.2f} "
               f"{low / min(times['peft']):7.2f} {peaks[v] / 2**20:9.0f} {peaks[v] / base_m:7.2f}")
+    skew, uni = times["epng-skew"], times["epng"]
+    print(f"skewed / uniform rank 8: {statistics.median(skew) / statistics.median(uni):.3f} (median), "
+          f"{min(skew) / min(uni):.3f} (min); peak: skewed {peaks['epng-skew'] / base_m:.2f}×, "
+          f"uniform {peaks['epng'] / base_m:.2f}× the frozen block")
 
 if __name__ == "__main__":
     main()

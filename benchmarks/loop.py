@@ -16,8 +16,8 @@ over `h.parameters()`, bound with `h.bind_optimizer`. A training step is forward
 2. Cycle: `EPnGController.step_end(step, optimizer)` on cycle steps, exactly as the training loop calls it: importance
    reduction, `plan_cycle`, prune, grow with orthogonal (QR) init, optimizer-state surgery and decay. One training step
    runs before each cycle (so the optimizer has state and the gradients have been cleared, as after a real step). Its
-   cost is divided by 50 × the median step time (T_p = 50 steps between cycles). A cycle that must widen the padded rank
-   capacity replaces the factor parameters (and pads their optimizer state): the expensive case, reported apart.
+   cost is divided by 50 × the median step time (T_p = 50 steps between cycles). The factors have fixed shapes: a cycle
+   moves rank slots between experts in place, and its first cycle is no different from the others.
 Everything is measured in this one run; nothing is hard-coded.
 """
 import argparse, os, platform, statistics, time
@@ -95,17 +95,17 @@ def hook_time(args, h, model, optimizer, ids, mask, steps: int) -> float:
 
 @contextmanager
 def phase_timers(h, totals: dict, device: str):
-    "Accumulate host time per cycle phase (plan, prune, grow, capacity swaps inside grow) without changing behaviour."
-    import epng.growth as growth
+    "Accumulate host time per cycle phase (plan, prune, grow) without changing behaviour."
+    import epng.handle as growth   # the names EPnGHandle.apply calls
     def wrap(fn, key):
         def timed(*a, **k):
             sync(device); t0 = time.perf_counter()
             try: return fn(*a, **k)
             finally: sync(device); totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
         return timed
-    originals = {name: getattr(growth, name) for name in ("prune_experts", "grow_experts", "grow_capacity")}
+    originals = {name: getattr(growth, name) for name in ("prune_experts", "grow_experts")}
     h.plan = wrap(h.plan, "plan")
-    for name, key in (("prune_experts", "prune"), ("grow_experts", "grow"), ("grow_capacity", "capacity")):
+    for name, key in (("prune_experts", "prune"), ("grow_experts", "grow")):
         setattr(growth, name, wrap(originals[name], key))
     try: yield
     finally:
@@ -171,18 +171,17 @@ def main():
     for k in range(args.cycles):
         step = max(cfg_e.warmup_steps, cfg_e.cycle_interval) + k * cfg_e.cycle_interval
         train_step(model, optimizer, ids, mask)   # fresh statistics, optimizer state, gradients cleared
-        capacity, phases = h.loras[0].capacity, {}
+        phases = {}
         with phase_timers(h, phases, args.device):
             sync(args.device); t0 = time.perf_counter()
             record = controller.step_end(step, optimizer)
             sync(args.device); dt = time.perf_counter() - t0
         assert record is not None and int(h.ranks.sum()) == h.budget
-        cycles.append(dict(step=step, time=dt, cap_before=capacity, cap_after=h.loras[0].capacity,
-                           pruned=int(record.pruned.sum()), grown=int(record.grown.sum()),
+        cycles.append(dict(step=step, time=dt, pruned=int(record.pruned.sum()), grown=int(record.grown.sum()),
                            max_rank=int(record.ranks.max()), **phases))
         c = cycles[-1]
         print(f"  cycle at step {step}: {1000 * dt:.1f} ms, pruned {c['pruned']}, grown {c['grown']}, "
-              f"max rank {c['max_rank']}, capacity {capacity} -> {c['cap_after']}", flush=True)
+              f"max rank {c['max_rank']}", flush=True)
 
     print()
     if not cuda: print(f"load average  {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min) at the end")
@@ -194,16 +193,14 @@ def main():
     print(f"  time inside the collector's hooks (direct, host): {1000 * hook_s:.2f} ms a step = "
           f"{100 * hook_s / off_med:.4f} % of the median step without it")
     print()
-    L = lambda c: (f"capacity {c['cap_before']}→{c['cap_after']}" if c["cap_after"] != c["cap_before"]
-                   else f"capacity {c['cap_after']}")
     print(f"Cycle cost: {len(cycles)} cycles via EPnGController.step_end, α = β = {cfg_e.prune_ratio}, λ = {cfg_e.importance_decay}; "
           f"÷ (50 × median step {1000 * step_med:.1f} ms = {50 * step_med:.1f} s)")
     print(f"  {'step':>5s} {'ms':>8s} {'÷ 50 steps':>11s} {'plan ms':>8s} {'prune ms':>9s} {'grow ms':>8s} "
-          f"{'(swap ms)':>9s} {'÷ 50 fastest':>12s}  pruned grown max-rank capacity")
+          f"{'÷ 50 fastest':>12s}  pruned grown max-rank")
     for c in cycles:
         print(f"  {c['step']:5d} {1000 * c['time']:8.1f} {100 * c['time'] / (50 * step_med):10.3f}% "
               f"{1000 * c.get('plan', 0):8.1f} {1000 * c.get('prune', 0):9.1f} {1000 * c.get('grow', 0):8.1f} "
-              f"{1000 * c.get('capacity', 0):9.1f} {100 * c['time'] / (50 * on_min):11.3f}%  {c['pruned']:6d} {c['grown']:5d} {c['max_rank']:8d} {L(c)}")
+              f"{100 * c['time'] / (50 * on_min):11.3f}%  {c['pruned']:6d} {c['grown']:5d} {c['max_rank']:8d}")
     first, rest = cycles[0]["time"], [c["time"] for c in cycles[1:]]
     worst = max(cycles, key=lambda c: c["time"])
     share = lambda t: t / (50 * step_med)
@@ -215,12 +212,12 @@ def main():
              stats_min <= STATS_TARGET),
             ("gate statistics, hook time (direct)", f"{100 * hook_s / off_med:+.4f} %", f"≤ {100 * STATS_TARGET:.0f} %",
              hook_s / off_med <= STATS_TARGET),
-            (f"cycle ÷ 50 steps, first (capacity {cycles[0]['cap_before']}→{cycles[0]['cap_after']})",
+            ("cycle ÷ 50 steps, first",
              f"{100 * share(first):.3f} %", f"≤ {100 * CYCLE_TARGET:.0f} %", share(first) <= CYCLE_TARGET)]
     if rest:
         rows.append((f"cycle ÷ 50 steps, median of the other {len(rest)}", f"{100 * share(statistics.median(rest)):.3f} %",
                      f"≤ {100 * CYCLE_TARGET:.0f} %", share(statistics.median(rest)) <= CYCLE_TARGET))
-    rows.append((f"cycle ÷ 50 steps, worst (step {worst['step']}, {L(worst)})", f"{100 * share(worst['time']):.3f} %",
+    rows.append((f"cycle ÷ 50 steps, worst (step {worst['step']})", f"{100 * share(worst['time']):.3f} %",
                  f"≤ {100 * CYCLE_TARGET:.0f} %", share(worst["time"]) <= CYCLE_TARGET))
     width = max(len(r[0]) for r in rows)
     print(f"  {'ratio':{width}s} {'measured':>10s} {'target':>7s}  result")

@@ -13,29 +13,39 @@ from .moe import EPnGError, MoELayer, find_moe_layers
 from .config import EPnGConfig
 from .lora import ExpertLoRA, round_up
 from .handle import EPnGHandle, attach
-from .growth import grow_capacity, prune_experts, rank_limit
+from .growth import prune_experts
 from .io import JSONFileError, atomic_dir, read_json, write_safetensors
 from .compat import RENAMED_KNOBS, moved_names, renamed_keywords
 
 # %% auto #0
-__all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'FORMAT_VERSION', 'MAX_ADAPTER_JSON_BYTES', 'live_slots', 'moe_shapes',
-           'moe_fingerprint', 'adapter_tensors', 'adapter_metadata', 'save_adapter', 'InvalidAdapterError',
-           'check_adapter_metadata', 'check_adapter_tensors', 'read_adapter', 'check_adapter_fits',
-           'check_adapter_config', 'restore_adapter', 'load_adapter', 'load_adapter_into', 'to_peft_layout',
-           'from_peft_layout', 'peft_factors', 'peft_lora_config', 'export_peft']
+__all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'FORMAT_VERSION', 'MAX_ADAPTER_JSON_BYTES', 'live_slots', 'padded_factors',
+           'moe_shapes', 'moe_fingerprint', 'adapter_tensors', 'adapter_metadata', 'save_adapter',
+           'InvalidAdapterError', 'check_adapter_metadata', 'check_adapter_tensors', 'read_adapter',
+           'check_adapter_fits', 'check_adapter_config', 'restore_adapter', 'load_adapter', 'load_adapter_into',
+           'to_peft_layout', 'from_peft_layout', 'peft_factors', 'peft_lora_config', 'export_peft']
 
 # %% ../nbs/10a_checkpoint.ipynb #4a69fff1
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "epng_adapter.safetensors", "epng_adapter.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: each layer's pool of slots ("slots"); 1 (read too): its padded capacity ("capacity")
 
 def _epng_version() -> str:
     import epng  # imported late: epng/__init__ may be importing this module
     return getattr(epng, "__version__", "unknown")
 
 def live_slots(lora: ExpertLoRA, width: int | None = None) -> torch.Tensor:
-    "(experts, width) bool: slot j of expert e is in use iff j < ranks[e]."
-    width = lora.capacity if width is None else width
+    "(experts, width) bool: place j of expert e is in use iff j < ranks[e] (`width`: the largest rank by default)."
+    width = int(lora.ranks.max()) if width is None else width
     return torch.arange(width, device=lora.ranks.device) < lora.ranks[:, None]
+
+def padded_factors(lora: ExpertLoRA, target: str, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Every expert's factors in rank order, zero-padded to `width`: A (E, width, in), B (E, out, width); detached."
+    owned = lora.expert_slots()
+    width = max(map(len, owned)) if width is None else width
+    index = torch.tensor([s + [0] * (width - len(s)) for s in owned], dtype=torch.long, device=lora.ranks.device)
+    live = live_slots(lora, width)[..., None]
+    a = lora.A[target].detach()[index] * live.to(lora.A[target].dtype)
+    b = lora.B[target].detach()[index] * live.to(lora.B[target].dtype)
+    return a, b.transpose(1, 2)
 
 def moe_shapes(layers: list[MoELayer]) -> dict:
     "The MoE shapes an adapter depends on: layer names, experts, hidden and expert width."
@@ -54,27 +64,25 @@ def _model_info(model: nn.Module) -> dict:
 
 # %% ../nbs/10a_checkpoint.ipynb #076c3930
 def adapter_tensors(handle: EPnGHandle) -> dict:
-    "The tensors of an adapter file: per layer the ranks and each target's factors trimmed to the layer's largest rank."
+    "The tensors of an adapter file: per layer the ranks and each target's factors padded to the layer's largest rank."
     tensors = {}
     for l, lora in enumerate(handle.loras):
-        r = int(lora.ranks.max())
-        live = live_slots(lora, r)
         tensors[f"layers.{l}.ranks"] = lora.ranks.detach().cpu().clone()
-        for target in lora.shapes:  # dead slots are zero already; masking makes that a property of the file
-            a, b = lora.A[target].detach()[:, :r], lora.B[target].detach()[:, :, :r]
-            tensors[f"layers.{l}.{target}.A"] = (a * live[:, :, None].to(a.dtype)).cpu().contiguous()
-            tensors[f"layers.{l}.{target}.B"] = (b * live[:, None, :].to(b.dtype)).cpu().contiguous()
+        tensors[f"layers.{l}.slot_owner"] = lora.slot_owner.detach().cpu().clone()   # where each rank lives in memory
+        for target in lora.shapes:  # padding is zero: a property of the file, whatever the slots held
+            a, b = padded_factors(lora, target)
+            tensors[f"layers.{l}.{target}.A"], tensors[f"layers.{l}.{target}.B"] = a.cpu().contiguous(), b.cpu().contiguous()
     importance = handle.importance.state_dict()
     tensors["importance.sums"], tensors["importance.counts"] = importance["sums"].cpu(), importance["counts"].cpu()
     return tensors
 
 def adapter_metadata(handle: EPnGHandle, extra: dict | None = None) -> dict:
-    "The JSON side of an adapter: versions, config, source model, MoE shapes and fingerprint, capacity, ranks, budget."
+    "The JSON side of an adapter: versions, config, source model, MoE shapes and fingerprint, slots, ranks, budget."
     return {"format": "epng-adapter", "format_version": FORMAT_VERSION, "epng_version": _epng_version(),
             "config": handle.config.to_dict(), "targets": list(handle.config.targets), **moe_shapes(handle.layers),
             "fingerprint": moe_fingerprint(handle.layers), "model": _model_info(handle.model),
             "dtype": str(handle.loras[0].A[handle.config.targets[0]].dtype).removeprefix("torch."),
-            "capacity": [lora.capacity for lora in handle.loras], "ranks": handle.ranks.tolist(),
+            "slots": [lora.num_slots for lora in handle.loras], "ranks": handle.ranks.tolist(),
             "rank_sum": int(handle.ranks.sum()), "budget": handle.budget, "extra": extra or {}}
 
 def save_adapter(handle: EPnGHandle, path, extra: dict | None = None) -> Path:
@@ -97,7 +105,7 @@ MAX_ADAPTER_JSON_BYTES = 16 * 2**20   # an adapter's JSON is a few kB; past this
 _DTYPE_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}  # safetensors' names
 _FIELDS = {"format_version": int, "config": dict, "targets": list, "num_moe_layers": int, "num_experts": int,
            "hidden_size": int, "intermediate_size": int, "layer_names": list, "fingerprint": str, "model": dict,
-           "dtype": str, "capacity": list, "ranks": list, "budget": int}
+           "dtype": str, "ranks": list, "budget": int}
 _TYPE_NAMES = {int: "a whole number", dict: "an object", list: "a list", str: "a string"}
 
 def _bad(where, problem: str) -> InvalidAdapterError:
@@ -120,6 +128,8 @@ def _check_fields(metadata: dict, where) -> EPnGConfig:
         if k not in metadata: raise _bad(where, f"it lacks the field {k!r}")
         if not (_is_int(metadata[k]) if kind is int else isinstance(metadata[k], kind)):
             raise _bad(where, f"{k} is {metadata[k]!r}, not {_TYPE_NAMES[kind]}")
+    sizes_field = "slots" if metadata["format_version"] >= 2 else "capacity"   # format 1 gave a padded capacity
+    if not isinstance(metadata.get(sizes_field), list): raise _bad(where, f"it lacks the list {sizes_field!r}")
     if metadata["format_version"] > FORMAT_VERSION:
         raise EPnGError(f"{where} has format version {metadata['format_version']}; this epng reads versions up to "
                         f"{FORMAT_VERSION}: upgrade epng to read it.")
@@ -145,23 +155,27 @@ def _check_fields(metadata: dict, where) -> EPnGConfig:
 
 # %% ../nbs/10a_checkpoint.ipynb #43a4e28a
 def _check_budget(metadata: dict, config: EPnGConfig, where) -> None:
-    "Capacity, ranks, budget and rank sum: each bounded by the shapes and consistent with the others."
+    "Slots, ranks, budget and rank sum: each bounded by the shapes and consistent with the others."
     sizes = {k: metadata[k] for k in ["num_moe_layers", "num_experts", "hidden_size", "intermediate_size"]}
     L, E = sizes["num_moe_layers"], sizes["num_experts"]
-    # capacity first: every other size is bounded by it, and it is bounded by the shapes, before anything is allocated
+    # slots first: every other size is bounded by them, and they are bounded by the shapes, before anything is allocated
     limit = min(sizes["hidden_size"], sizes["intermediate_size"])
-    capacity = metadata["capacity"]
-    if len(capacity) != L or not all(_is_int(c) and 1 <= c <= round_up(limit) for c in capacity):
-        raise _bad(where, f"capacity must be {L} whole numbers in 1..{round_up(limit)} (rank slots the expert "
-                          f"projections allow), got {str(capacity)[:200]}")
+    field, most = ("slots", E * limit) if metadata["format_version"] >= 2 else ("capacity", round_up(limit))
+    sizes_ = metadata[field]
+    if len(sizes_) != L or not all(_is_int(c) and 1 <= c <= most for c in sizes_):
+        raise _bad(where, f"{field} must be {L} whole numbers in 1..{most} (rank slots the expert projections allow), "
+                          f"got {str(sizes_)[:200]}")
     ranks, max_rank = metadata["ranks"], min(config.max_rank or limit, limit)
     if len(ranks) != L or not all(isinstance(row, list) and len(row) == E for row in ranks):
         raise _bad(where, f"ranks must be {L} lists (MoE layers) of {E} ranks (experts)")
     for l, row in enumerate(ranks):
+        top = max_rank if field == "slots" else min(sizes_[l], max_rank)
         for e, r in enumerate(row):
-            if not (_is_int(r) and 0 <= r <= min(capacity[l], max_rank)):
+            if not (_is_int(r) and 0 <= r <= top):
                 raise _bad(where, f"the rank of expert {e} in MoE layer {l} is {r!r}: ranks are whole numbers from 0 "
-                                  f"to the layer's capacity {capacity[l]}" + (f" and max_rank {max_rank}" if max_rank < capacity[l] else ""))
+                                  f"to {top} (the experts' rank limit, max_rank, and a format 1 file's capacity)")
+        if field == "slots" and sum(row) > sizes_[l]:
+            raise _bad(where, f"MoE layer {l}'s ranks add up to {sum(row)}, more than its {sizes_[l]} slots")
     implied = config.rank * L * E
     if metadata["budget"] != implied:
         raise _bad(where, f"its budget {metadata['budget']} is not the {implied} its config and shapes give "
@@ -186,6 +200,7 @@ def _expected_tensors(metadata: dict) -> dict:
     for l, ranks in enumerate(metadata["ranks"]):
         R = max(ranks)
         expected[f"layers.{l}.ranks"] = ((E,), "I64")
+        if metadata["format_version"] >= 2: expected[f"layers.{l}.slot_owner"] = ((metadata["slots"][l],), "I64")
         for t in metadata["targets"]:
             fan_in, fan_out = sides[t]
             expected[f"layers.{l}.{t}.A"], expected[f"layers.{l}.{t}.B"] = ((E, R, fan_in), factor), ((E, fan_out, R), factor)
@@ -211,6 +226,11 @@ def check_adapter_tensors(metadata: dict, tensors: dict, where="the adapter") ->
             l = int(name.split(".")[1])
             if t.tolist() != metadata["ranks"][l]:
                 raise _bad(where, f"{name} holds {t.tolist()}, but the JSON gives the ranks {metadata['ranks'][l]}")
+        elif name.endswith(".slot_owner"):
+            l, E = int(name.split(".")[1]), metadata["num_experts"]
+            if bool((t < -1).any() or (t >= E).any()) or \
+                    torch.bincount(t[t >= 0], minlength=E).tolist() != metadata["ranks"][l]:
+                raise _bad(where, f"{name} does not give each expert as many slots as its rank (and -1 to free slots)")
         elif not bool(torch.isfinite(t).all()):
             raise _bad(where, f"{name} holds NaN or infinite values")
         elif name.startswith("importance.") and bool((t < 0).any()):
@@ -272,7 +292,7 @@ def check_adapter_config(metadata: dict, config: EPnGConfig) -> None:
 
 # %% ../nbs/10a_checkpoint.ipynb #a0bec3c5
 def _check_restorable(handle: EPnGHandle, metadata: dict, tensors: dict) -> None:
-    "Raise unless the adapter is consistent and fits `handle` (layers, experts, targets, shapes, capacity)."
+    "Raise unless the adapter is consistent and fits `handle` (layers, experts, targets, shapes, slots)."
     check_adapter_metadata(metadata)
     check_adapter_tensors(metadata, tensors)
     L, E = len(handle.loras), handle.loras[0].num_experts
@@ -283,9 +303,10 @@ def _check_restorable(handle: EPnGHandle, metadata: dict, tensors: dict) -> None
         if list(lora.shapes) != metadata["targets"]:
             raise EPnGError(f"the adapter adapts {metadata['targets']}, this handle {list(lora.shapes)}: attach with "
                             "the adapter's settings.")
-        if metadata["capacity"][l] > round_up(rank_limit(lora)):
-            raise EPnGError(f"the adapter's capacity {metadata['capacity'][l]} in MoE layer {l} passes the "
-                            f"{round_up(rank_limit(lora))} rank slots this model's experts allow.")
+        if sum(metadata["ranks"][l]) > lora.num_slots:
+            raise EPnGError(f"the adapter holds {sum(metadata['ranks'][l])} ranks in MoE layer {l}, but this handle's "
+                            f"layer has {lora.num_slots} rank slots: attach with a larger EPnGConfig.layer_capacity "
+                            "(epng.load_adapter(model, path) sizes it for the adapter).")
         for t, (fan_in, fan_out) in lora.shapes.items():
             if tensors[f"layers.{l}.{t}.A"].shape[2] != fan_in or tensors[f"layers.{l}.{t}.B"].shape[1] != fan_out:
                 raise EPnGError(f"the adapter's {t} factors do not fit this model's experts ({fan_in} → {fan_out}): "
@@ -293,54 +314,45 @@ def _check_restorable(handle: EPnGHandle, metadata: dict, tensors: dict) -> None
 
 # %% ../nbs/10a_checkpoint.ipynb #16dd6425
 def _snapshot(handle: EPnGHandle) -> dict:
-    "Copies of everything `restore_adapter` changes: factors, gradients, ranks, optimizer state, importance, budget."
+    "Copies of everything `restore_adapter` changes: factors, gradients, slots, ranks, optimizer state, importance, budget."
     opt, params = handle.optimizer, [p for lora in handle.loras for p in lora.parameters()]
     clone = lambda v: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
-    return {"factors": [(dict(lora.A), dict(lora.B)) for lora in handle.loras],
-            "values": [(p, p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in params],
-            "ranks": [lora.ranks.clone() for lora in handle.loras],
-            "groups": None if opt is None else [list(g["params"]) for g in opt.param_groups],
+    return {"values": [(p, p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in params],
+            "owners": [(lora.slot_owner.clone(), lora.ranks.clone()) for lora in handle.loras],
             "state": None if opt is None else {p: {k: clone(v) for k, v in opt.state[p].items()}
                                                for p in params if p in opt.state},
             "importance": handle.importance.state_dict(), "budget": handle.budget}
 
 @torch.no_grad()
 def _roll_back(handle: EPnGHandle, snap: dict) -> None:
-    "Put `handle` back exactly as `_snapshot` found it, the same Parameter objects included."
-    opt, now = handle.optimizer, [p for lora in handle.loras for p in lora.parameters()]
-    for lora, (a, b), ranks in zip(handle.loras, snap["factors"], snap["ranks"]):
-        for t in a: lora.A[t], lora.B[t] = a[t], b[t]   # undo grow_capacity's new Parameters
-        lora.ranks.copy_(ranks)
+    "Put `handle` back exactly as `_snapshot` found it."
+    for lora, (owner, ranks) in zip(handle.loras, snap["owners"]):
+        lora.slot_owner.copy_(owner); lora.ranks.copy_(ranks); lora._layout = None
     for p, value, grad in snap["values"]:
         p.data.copy_(value)
         p.grad = grad
-    if opt is not None:
-        for group, params in zip(opt.param_groups, snap["groups"]): group["params"] = params
-        kept = {id(p) for p, *_ in snap["values"]}
-        for p in now:
-            if id(p) not in kept: opt.state.pop(p, None)
-        for p, state in snap["state"].items(): opt.state[p] = state
+    if handle.optimizer is not None:
+        for p, state in snap["state"].items(): handle.optimizer.state[p] = state
     handle.importance.load_state_dict(snap["importance"])
     handle.budget = snap["budget"]
 
 # %% ../nbs/10a_checkpoint.ipynb #51bd1b0e
 @torch.no_grad()
 def restore_adapter(handle: EPnGHandle, metadata: dict, tensors: dict) -> EPnGHandle:
-    "Put saved ranks, capacity, factors, importance and budget into `handle`; the factors' optimizer state is zeroed."
+    "Put saved ranks, factors, importance and budget into `handle`; the factors' optimizer state is zeroed."
     _check_restorable(handle, metadata, tensors)    # everything that can be checked, before anything changes
     snap = _snapshot(handle)
     try:
         for l, lora in enumerate(handle.loras):
-            if lora.capacity < metadata["capacity"][l]: grow_capacity(lora, metadata["capacity"][l], handle.optimizer)
             prune_experts(lora, list(range(lora.num_experts)), handle.optimizer)   # a clean slate; the saved ranks follow
-            ranks = tensors[f"layers.{l}.ranks"].to(lora.ranks.device)
-            r = int(ranks.max())
-            live = (torch.arange(r, device=ranks.device) < ranks[:, None])        # (E, r): dead slots stay zero
+            ranks, owner = tensors[f"layers.{l}.ranks"], tensors.get(f"layers.{l}.slot_owner")
+            lora.assign_ranks(ranks, owner if owner is not None and owner.numel() == lora.num_slots else None)
+            live = torch.arange(int(ranks.max())) < ranks[:, None]                 # (E, R)
+            dest = torch.tensor([s for slots in lora.expert_slots() for s in slots], dtype=torch.long)  # rank order
             for target in lora.shapes:
                 a, b = lora.A[target], lora.B[target]
-                a[:, :r].copy_(tensors[f"layers.{l}.{target}.A"].to(a.device) * live[:, :, None].to(a.dtype))
-                b[:, :, :r].copy_(tensors[f"layers.{l}.{target}.B"].to(b.device) * live[:, None, :].to(b.dtype))
-            lora.ranks.copy_(ranks)
+                a[dest.to(a.device)] = tensors[f"layers.{l}.{target}.A"][live].to(a)
+                b[dest.to(b.device)] = tensors[f"layers.{l}.{target}.B"].transpose(1, 2)[live].to(b)
         handle.importance.load_state_dict({"sums": tensors["importance.sums"], "counts": tensors["importance.counts"]})
         handle.budget = int(metadata["budget"])
     except BaseException:
@@ -352,7 +364,10 @@ def load_adapter(model: nn.Module, path) -> EPnGHandle:
     "Attach epng to the base `model` with the saved settings and restore the adapter in `path` exactly."
     metadata, tensors = read_adapter(path)
     check_adapter_fits(metadata, model)           # before attach: a mismatch leaves the model untouched
-    return restore_adapter(attach(model, EPnGConfig(**metadata["config"])), metadata, tensors)
+    config = EPnGConfig(**metadata["config"])
+    share = config.rank * metadata["num_experts"]            # a layer's share of the budget; slots to hold its ranks
+    config.layer_capacity = max(config.layer_capacity, max(sum(row) for row in metadata["ranks"]) / share)
+    return restore_adapter(attach(model, config), metadata, tensors)
 
 def load_adapter_into(handle: EPnGHandle, path) -> EPnGHandle:
     "Restore the adapter in `path` into an attached `handle` (to resume: build the optimizer afterwards)."
@@ -375,9 +390,9 @@ def from_peft_layout(lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: in
 def peft_factors(lora: ExpertLoRA) -> dict:
     "`{fused parameter: (A', B')}` of one layer as per-expert peft factors, scaling folded into B', zero-padded ranks."
     R = max(int(lora.ranks.max()), 1)             # peft needs a rank >= 1 even when a whole layer is pruned
-    live = live_slots(lora, R)
-    a = {t: lora.A[t].detach()[:, :R] * live[:, :, None].to(lora.A[t].dtype) for t in lora.shapes}
-    b = {t: lora.scaling * lora.B[t].detach()[:, :, :R] * live[:, None, :].to(lora.B[t].dtype) for t in lora.shapes}
+    padded = {t: padded_factors(lora, t, R) for t in lora.shapes}
+    a = {t: a_ for t, (a_, _) in padded.items()}
+    b = {t: lora.scaling * b_ for t, (_, b_) in padded.items()}
     factors, gate_up = {}, lora.gate_up_targets
     if gate_up:
         inter = lora.shapes[gate_up[0]][1]

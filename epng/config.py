@@ -11,10 +11,11 @@ from .gates import IMPORTANCE
 from .compat import RENAMED_KNOBS, renamed_arguments, renamed_attribute
 
 # %% auto #0
-__all__ = ['MAX_LORA_ALPHA', 'EPnGConfig', 'config_problems']
+__all__ = ['MAX_LORA_ALPHA', 'MAX_LAYER_CAPACITY', 'EPnGConfig', 'config_problems']
 
 # %% ../nbs/06_config.ipynb #522f8425
 MAX_LORA_ALPHA = 1e4  # LoRA's alpha is a small multiple of the rank; past this the scaled factors overflow bf16
+MAX_LAYER_CAPACITY = 64  # a layer holding 64× its share of the budget is far past any real run; memory grows with it
 
 @dataclass
 class EPnGConfig:
@@ -29,6 +30,7 @@ class EPnGConfig:
     lora_alpha: float = 16                       # LoRA scaling is lora_alpha / rank, fixed
     max_rank: int | None = None                  # optional cap on one expert's rank
     importance: str = "gate"                     # how p̄ reads the router (notebook 04): 'gate', 'selection', 'weight'
+    layer_capacity: float = 2.0                  # rank slots each MoE layer stores, × its share E·rank of the budget
 
     def __post_init__(self):
         self.targets = check_targets(self.targets)
@@ -63,6 +65,9 @@ def config_problems(c: EPnGConfig) -> list[str]:
          f"lora_alpha must be a number in (0, {MAX_LORA_ALPHA:g}], got {c.lora_alpha!r}"),
         (c.max_rank is None or whole(c.max_rank) and whole(c.rank) and c.max_rank >= c.rank,
          f"max_rank must be None or an integer >= rank ({c.rank!r}), got {c.max_rank!r}"),
+        (real(c.layer_capacity) and 1 <= c.layer_capacity <= MAX_LAYER_CAPACITY,
+         f"layer_capacity must be a number in [1, {MAX_LAYER_CAPACITY}] (1: a layer never holds more ranks than it "
+         f"starts with), got {c.layer_capacity!r}"),
         (isinstance(c.importance, str) and c.importance in IMPORTANCE,
          f"importance must be one of {IMPORTANCE} ('gate': the router's probabilities, the paper's; 'selection': "
          f"how often an expert is chosen; 'weight': the routing weight it gets), got {c.importance!r}"),

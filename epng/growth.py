@@ -7,15 +7,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 from .moe import EPnGError
-from .lora import ExpertLoRA, kaiming_rows, round_up
+from .lora import ExpertLoRA, kaiming_rows, rank_limit_of
 from .compat import moved_names
 
 # %% auto #0
-__all__ = ['project_off_live_rows', 'zero_slots', 'grow_capacity', 'rank_limit', 'prune_experts', 'grow_experts']
+__all__ = ['project_off_live_rows', 'zero_slots', 'rank_limit', 'prune_experts', 'grow_experts']
 
 # %% ../nbs/09_growth.ipynb #1f53ded1
 def project_off_live_rows(a: torch.Tensor, ranks: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    "For each of G experts: `new[g]` (n × in) projected off the span of the first `ranks[g]` rows of `a[g]` (capacity × in)."
+    "For each of G experts: `new[g]` (n × in) projected off the span of the first `ranks[g]` rows of `a[g]` (width × in)."
     a = a[:, :min(a.shape[1], a.shape[2])]                                 # a rank never exceeds `in`
     live = torch.arange(a.shape[1], device=a.device) < ranks[:, None]     # (G, slots)
     q, _ = torch.linalg.qr((a.float() * live[..., None]).transpose(1, 2)) # (G, in, slots)
@@ -28,79 +28,81 @@ def _optimizer_tensors(optimizer, param: nn.Parameter) -> dict:
     return {k: v for k, v in optimizer.state.get(param, {}).items() if torch.is_tensor(v) and v.shape == param.shape}
 
 @torch.no_grad()
-def zero_slots(lora: ExpertLoRA, experts: list[int], starts: list[int], stops: list[int], optimizer=None) -> None:
-    "Zero slots [start, stop) of each listed expert: factors, gradients and optimizer state."
-    device = lora.ranks.device
-    slots = torch.arange(lora.capacity, device=device)
-    mask = (slots >= torch.tensor(starts, device=device)[:, None]) & (slots < torch.tensor(stops, device=device)[:, None])
-    index = torch.tensor(experts, device=device)
-    for target in lora.shapes:   # a slot is a row of A and a column of B; only the listed experts are read and written
-        for param, where in ((lora.A[target], mask[:, :, None]), (lora.B[target], mask[:, None, :])):
-            for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()]:
-                if t is not None: t[index] = t[index].masked_fill(where, 0)
+def zero_slots(lora: ExpertLoRA, slots: list[int], optimizer=None) -> None:
+    "Zero the listed slots (rows of every A and B): factors, gradients and optimizer state."
+    index = torch.tensor(slots, dtype=torch.long, device=lora.ranks.device)
+    for param in lora.parameters():
+        for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()]:
+            if t is not None: t.index_fill_(0, index.to(t.device), 0)
 
-# %% ../nbs/09_growth.ipynb #37048ffd
-def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    shape = list(t.shape); shape[dim] = size
-    out = t.new_zeros(shape)
-    out.narrow(dim, 0, t.shape[dim]).copy_(t)
-    return out
-
-@torch.no_grad()
-def _swap_parameter(params: nn.ParameterDict, target: str, dim: int, capacity: int, optimizer=None) -> None:
-    "Replace `params[target]` by a copy padded to `capacity` slots along `dim`, also in `optimizer`."
-    old = params[target]
-    new = nn.Parameter(_pad(old.data, dim, capacity), requires_grad=old.requires_grad)
-    if old.grad is not None: new.grad = _pad(old.grad, dim, capacity)
-    params[target] = new
-    if optimizer is None: return
-    for group in optimizer.param_groups:
-        group["params"] = [new if p is old else p for p in group["params"]]
-    if old in optimizer.state:
-        padded = {k: _pad(v, dim, capacity) for k, v in _optimizer_tensors(optimizer, old).items()}
-        optimizer.state[new] = {**optimizer.state.pop(old), **padded}
-
-def grow_capacity(lora: ExpertLoRA, capacity: int, optimizer=None) -> None:
-    "Pad every factor to `capacity` rank slots, carrying over values, gradients and optimizer state."
-    for target in lora.shapes:   # new Parameters (see above); the optimizer is updated in place
-        _swap_parameter(lora.A, target, 1, capacity, optimizer)
-        _swap_parameter(lora.B, target, 2, capacity, optimizer)
-
-# %% ../nbs/09_growth.ipynb #6e540006
+# %% ../nbs/09_growth.ipynb #4ccbbf56
 def rank_limit(lora: ExpertLoRA) -> int:
     "Largest rank an expert can hold: the smaller side of its smallest projection."
-    return min(min(shape) for shape in lora.shapes.values())
+    return rank_limit_of(lora.shapes)
 
+@torch.no_grad()
 def prune_experts(lora: ExpertLoRA, experts: list[int], optimizer=None) -> None:
-    "Remove the LoRA of `experts` on every target: factors, gradients and optimizer state zeroed, rank 0."
-    zero_slots(lora, experts, [0] * len(experts), [lora.capacity] * len(experts), optimizer)
-    lora.ranks[torch.tensor(experts, device=lora.ranks.device)] = 0
+    "Remove the LoRA of `experts` on every target: their slots zeroed (with gradients and optimizer state) and freed."
+    index = torch.tensor(experts, dtype=torch.long, device=lora.ranks.device)
+    owned = torch.isin(lora.slot_owner, index)
+    zero_slots(lora, owned.nonzero().flatten().tolist(), optimizer)
+    lora.slot_owner[owned] = -1
+    lora.ranks[index] = 0
+    lora._layout = None
+
+# %% ../nbs/09_growth.ipynb #37048ffd
+def _take_free_slots(lora: ExpertLoRA, ns: list[int]) -> list[list[int]]:
+    "The free slots each grown expert receives: the lowest free slots in order, `ns[i]` for the i-th."
+    free = (lora.slot_owner < 0).nonzero().flatten().tolist()
+    if sum(ns) > len(free):
+        raise EPnGError(f"growing by {sum(ns)} ranks needs {sum(ns)} free rank slots, but this layer has {len(free)} "
+                        f"of its {lora.num_slots}: raise EPnGConfig.layer_capacity, or grow less.")
+    ends = torch.tensor(ns).cumsum(0).tolist()
+    return [free[end - n:end] for n, end in zip(ns, ends)]
+
+@torch.no_grad()
+def _move_slots(lora: ExpertLoRA, src: list[int], dst: list[int], cleared: list[int], optimizer=None) -> None:
+    "Rows `src` → `dst` in the factors, their gradients and optimizer state; the rest of `cleared` zeroed."
+    source, target = (torch.tensor(i, dtype=torch.long, device=lora.ranks.device) for i in (src, dst))
+    for param in lora.parameters():
+        for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()]:
+            if t is None: continue
+            rows = t[source.to(t.device)]                                  # read before anything is overwritten
+            t.index_fill_(0, torch.tensor(cleared, dtype=torch.long, device=t.device), 0)
+            t[target.to(t.device)] = rows
 
 @torch.no_grad()
 def grow_experts(lora: ExpertLoRA, experts: list[int], ns: list[int], optimizer=None,
                  generator: torch.Generator | None = None) -> None:
-    "Add `ns[i]` ranks to `experts[i]`: orthogonal Kaiming A rows, zero B columns, zero optimizer state for them."
-    ranks = lora.ranks.tolist()                                           # one host sync for the whole layer
+    "Add `ns[i]` ranks to `experts[i]` in free slots: orthogonal Kaiming A rows, zero B rows, zero optimizer state."
+    ranks, owned = lora.ranks.tolist(), lora.expert_slots()            # one host sync for the whole layer
     starts = [ranks[e] for e in experts]
-    stops = [r + n for r, n in zip(starts, ns)]
     for r, n in zip(starts, ns):
         if r + n > rank_limit(lora):
             raise EPnGError(f"cannot grow an expert from rank {r} by {n}: its projections allow at most rank "
                             f"{rank_limit(lora)}; use a smaller step or set EPnGConfig.max_rank.")
-    if max(stops) > lora.capacity: grow_capacity(lora, round_up(max(stops)), optimizer)
-    zero_slots(lora, experts, starts, stops, optimizer)
-    device, width = lora.ranks.device, max(ns)
+    new_slots = _take_free_slots(lora, ns)
+    together = [sorted(owned[e] + slots) for e, slots in zip(experts, new_slots)]   # old ranks first, in slot order
+    src = [s for e in experts for s in owned[e]]
+    dst = [s for slots, r in zip(together, starts) for s in slots[:r]]
+    flat = [s for slots, r in zip(together, starts) for s in slots[r:]]             # where the new ranks go
+    _move_slots(lora, src, dst, [s for slots in together for s in slots], optimizer)
+    device, width, old = lora.ranks.device, max(ns), max(max(starts), 1)
     drawn = {t: [] for t in lora.shapes}   # expert by expert, target by target: the order a resumed run repeats
     for n in ns:
         for t in lora.shapes:
-            drawn[t].append(kaiming_rows(n, lora.A[t].shape[2], device=device, generator=generator))
-    index, starts_t = torch.tensor(experts, device=device), torch.tensor(starts, device=device)
+            drawn[t].append(kaiming_rows(n, lora.A[t].shape[1], device=device, generator=generator))
+    existing = torch.tensor([s[:r] + [0] * (old - r) for s, r in zip(together, starts)], device=device)  # (G, old)
+    starts_t, dest = torch.tensor(starts, device=device), torch.tensor(flat, device=device)
     new_rows = torch.arange(width, device=device) < torch.tensor(ns, device=device)[:, None]   # (G, width)
-    dest = (index[:, None].expand(-1, width)[new_rows], (starts_t[:, None] + torch.arange(width, device=device))[new_rows])
     for t in lora.shapes:
         new = torch.stack([nn.functional.pad(d, (0, 0, 0, width - d.shape[0])) for d in drawn[t]])  # (G, width, in)
-        lora.A[t].data[dest] = project_off_live_rows(lora.A[t].data[index], starts_t, new)[new_rows].to(lora.A[t].dtype)
-    lora.ranks[index] = torch.tensor(stops, device=device)
+        a = lora.A[t].data
+        a[dest] = project_off_live_rows(a[existing], starts_t, new)[new_rows].to(a.dtype)
+    lora.slot_owner[torch.tensor([s for slots in together for s in slots], dtype=torch.long, device=device)] = \
+        torch.tensor([e for e, slots in zip(experts, together) for _ in slots], device=device)
+    lora.ranks[torch.tensor(experts, device=device)] = torch.tensor([r + n for r, n in zip(starts, ns)], device=device)
+    lora._layout = None
 
 # %% ../nbs/09_growth.ipynb #ecf3bf1a
 __getattr__ = moved_names(__name__, {  # names that left this module in 0.2: they answer, with a warning

@@ -86,19 +86,20 @@ def grow(self: EPnGHandle, layer: int, expert: int, n: int, generator: torch.Gen
 
 @patch
 def factors(self: EPnGHandle, layer: int, expert: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
-    "The active `(A: r × in, B: out × r)` of one expert's target projection (detached views)."
+    "The active `(A: r × in, B: out × r)` of one expert's target projection (detached copies)."
     lora = self._check(layer, expert)
     if target not in lora.shapes:
         raise EPnGError(f"target {target!r} has no LoRA here: the adapted targets are {list(lora.shapes)}.")
-    r = int(lora.ranks[expert])
-    return lora.A[target].detach()[expert, :r], lora.B[target].detach()[expert, :, :r]
+    a, b = lora.expert_factors(target, expert)
+    return a.detach(), b.detach()
 
 # %% ../nbs/10_handle.ipynb #7adecd73
 @patch
 def plan(self: EPnGHandle, prune: bool = True, grow: bool = True, delta: int | None = None) -> CyclePlan:
     "This cycle's plan from the importance gathered so far (nothing is changed)."
     return plan_cycle(self.importance.mean(), self.ranks, self.config.prune_ratio, self.config.grow_ratio,
-                      max_rank=self.max_rank, prune=prune, grow=grow, delta=delta)
+                      max_rank=self.max_rank, prune=prune, grow=grow, delta=delta,
+                      layer_slots=[lora.num_slots for lora in self.loras])
 
 @patch
 def apply(self: EPnGHandle, plan: CyclePlan, generator: torch.Generator | None = None) -> None:
@@ -108,6 +109,10 @@ def apply(self: EPnGHandle, plan: CyclePlan, generator: torch.Generator | None =
     grown = plan.added > 0
     if grown.any() and int((plan.ranks_before + plan.added)[grown].max()) > self.max_rank:
         raise EPnGError(f"this plan grows an expert past max_rank={self.max_rank}: make it with that max_rank.")
+    for layer, (row, lora) in enumerate(zip(plan.ranks_after, self.loras)):
+        if int(row.sum()) > lora.num_slots:
+            raise EPnGError(f"this plan puts {int(row.sum())} ranks in MoE layer {layer}, which has {lora.num_slots} "
+                            "rank slots: make it with handle.plan(), which keeps every layer within its slots.")
     for layer, lora in enumerate(self.loras):   # one batch per layer: a cycle touches dozens of experts
         if plan.pruned[layer].any(): prune_experts(lora, plan.pruned[layer].nonzero().flatten().tolist(), self.optimizer)
     for layer, lora in enumerate(self.loras):

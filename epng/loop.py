@@ -15,8 +15,7 @@ from .moe import EPnGError
 from .importance import NonFiniteStatisticsError
 from .gates import label_expert_axes
 from .handle import EPnGHandle
-from .growth import grow_capacity, rank_limit
-from .lora import round_up
+from .growth import rank_limit
 from .io import StateFileError, atomic_dir, load_state, save_state
 from .compat import moved_names
 from .compat import renamed_arguments
@@ -25,9 +24,9 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['LORA_METHODS', 'METHODS', 'EPNG_STATE', 'OLD_EPNG_STATE', 'OLD_FORMAT_HINT', 'GROUP_COLORS', 'GROUP_NAMES',
            'check_method', 'is_cycle_step', 'cycle_steps', 'world_size', 'average_over_processes', 'cycle_generator',
-           'grow_only_delta', 'CycleRecord', 'check_controller_state', 'EPnGController', 'reserve_capacity',
-           'check_ranks', 'restore_ranks', 'read_trainer_checkpoint', 'complete_trainer_checkpoint', 'EPnGCallback',
-           'cycle_tables', 'plot_cycle_history', 'importance_groups', 'plot_importance_shift', 'plot_losses']
+           'grow_only_delta', 'CycleRecord', 'check_controller_state', 'EPnGController', 'slot_owners', 'check_ranks',
+           'restore_ranks', 'read_trainer_checkpoint', 'complete_trainer_checkpoint', 'EPnGCallback', 'cycle_tables',
+           'plot_cycle_history', 'importance_groups', 'plot_importance_shift', 'plot_losses']
 
 # %% ../nbs/11_loop.ipynb #5c09e663
 LORA_METHODS = ("static", "prune_only", "grow_only", "epng")
@@ -176,15 +175,14 @@ EPNG_STATE, OLD_EPNG_STATE = "epng_state", "epng_state.pt"
 OLD_FORMAT_HINT = ("it was written by an older epng as a pickle, which is not loaded because unpickling can run any "
                    "code; restart the run with this epng (or load it with the older version you trust)")
 
-def reserve_capacity(handle: EPnGHandle, max_rank: int) -> None:
-    "Give every layer `max_rank` padded rank slots now, so no factor is replaced later (multi-process training)."
-    for lora in handle.loras:
-        wanted = round_up(min(max_rank, rank_limit(lora)))   # slots past what the projections allow could never fill
-        if lora.capacity < wanted: grow_capacity(lora, wanted, handle.optimizer)
+def slot_owners(handle: EPnGHandle) -> torch.Tensor:
+    "Who owns each rank slot, (MoE layers × slots), on the CPU (-1: free)."
+    return torch.stack([lora.slot_owner for lora in handle.loras]).cpu()
 
-def check_ranks(handle: EPnGHandle, ranks, capacity, method: str | None = None) -> None:
-    """Check saved per-expert `ranks` and padded `capacity` against `handle` and the run's `method`: whole numbers in
-    0..capacity, a capacity this model allows, and a rank sum the method keeps (static and epng: exactly the budget)."""
+def check_ranks(handle: EPnGHandle, ranks, slot_owner, method: str | None = None) -> None:
+    """Check saved per-expert `ranks` and `slot_owner` against `handle` and the run's `method`: whole numbers within
+    what the experts allow, a rank sum the method keeps (static and epng: exactly the budget), and slot owners that
+    give each expert as many slots as its rank."""
     if not torch.is_tensor(ranks):
         raise EPnGError(f"the checkpoint's ranks are a {type(ranks).__name__}, not a tensor: the checkpoint is damaged.")
     if tuple(ranks.shape) != tuple(handle.ranks.shape):
@@ -192,12 +190,10 @@ def check_ranks(handle: EPnGHandle, ranks, capacity, method: str | None = None) 
                         f"{tuple(handle.ranks.shape)}: resume into the model the run was started with.")
     if ranks.dtype != torch.long:
         raise EPnGError(f"the checkpoint's ranks are {ranks.dtype}, not whole numbers (int64): the checkpoint is damaged.")
-    limit, cfg = rank_limit(handle.loras[0]), handle.config   # no capacity past what this run could ever reserve
-    most = round_up(max(limit, cfg.max_rank or 0, 4 * cfg.rank, handle.loras[0].capacity))
-    if int(ranks.min()) < 0 or int(ranks.max()) > limit or type(capacity) is not int \
-            or not int(ranks.max()) <= capacity <= most:
-        raise EPnGError(f"the checkpoint's ranks ({int(ranks.min())}..{int(ranks.max())}) or capacity "
-                        f"({capacity!r}) are impossible for this model (whole ranks 0..{limit}): the checkpoint is damaged.")
+    limit = rank_limit(handle.loras[0])
+    if int(ranks.min()) < 0 or int(ranks.max()) > limit:
+        raise EPnGError(f"the checkpoint's ranks ({int(ranks.min())}..{int(ranks.max())}) are impossible for this model "
+                        f"(whole ranks 0..{limit}): the checkpoint is damaged.")
     total, budget = int(ranks.sum()), handle.budget
     keeps = {"static": total == budget, "epng": total == budget, "prune_only": total <= budget,
              "grow_only": total >= budget}   # prune-only frees ranks, grow-only adds them; the others move them
@@ -205,12 +201,22 @@ def check_ranks(handle: EPnGHandle, ranks, capacity, method: str | None = None) 
         rule = {"prune_only": "cannot rise above", "grow_only": "cannot fall below"}.get(method, "keeps")
         raise EPnGError(f"the checkpoint's ranks sum to {total}, but a {method} run {rule} its budget of {budget}: "
                         "the checkpoint is damaged (or from another rank r0); resume from another one.")
+    shape = tuple(slot_owners(handle).shape)
+    if not torch.is_tensor(slot_owner) or slot_owner.dtype != torch.long or tuple(slot_owner.shape) != shape:
+        raise EPnGError(f"the checkpoint's slot owners are not a whole-number tensor of shape {shape} (MoE layers × "
+                        "slots): it is damaged, or from a run with another layer_capacity; resume with that one.")
+    E = handle.ranks.shape[1]
+    for row, owner in zip(ranks, slot_owner):
+        if int(owner.min()) < -1 or int(owner.max()) >= E or \
+                torch.bincount(owner[owner >= 0], minlength=E).tolist() != row.tolist():
+            raise EPnGError("the checkpoint's slot owners do not give each expert as many slots as its rank: the "
+                            "checkpoint is damaged; resume from another one.")
 
-def restore_ranks(handle: EPnGHandle, ranks: torch.Tensor, capacity: int, method: str | None = None) -> None:
-    "Give `handle` the saved per-expert `ranks` and padded `capacity` after `check_ranks` (factors load separately)."
-    check_ranks(handle, ranks, capacity, method)
-    reserve_capacity(handle, capacity)
-    for lora, row in zip(handle.loras, ranks): lora.ranks.copy_(row)
+@torch.no_grad()
+def restore_ranks(handle: EPnGHandle, ranks: torch.Tensor, slot_owner: torch.Tensor, method: str | None = None) -> None:
+    "Give `handle` the saved per-expert `ranks` and `slot_owner` after `check_ranks` (factors load separately)."
+    check_ranks(handle, ranks, slot_owner, method)
+    for lora, row, owner in zip(handle.loras, ranks, slot_owner): lora.assign_ranks(row, owner)
 
 # %% ../nbs/11_loop.ipynb #f68bd15a
 def read_trainer_checkpoint(folder) -> dict:
@@ -223,7 +229,10 @@ def read_trainer_checkpoint(folder) -> dict:
                         f"Trainer saved it and before EPnGCallback did, or it was not written by a Trainer with "
                         f"EPnGCallback.")
     state = load_state(folder / EPNG_STATE, "state")
-    if not isinstance(state, dict) or set(state) != {"controller", "ranks", "capacity"}:
+    if isinstance(state, dict) and set(state) == {"controller", "ranks", "capacity"}:
+        raise EPnGError(f"{folder / EPNG_STATE} was written by an epng that padded every expert's factors (0.1); this "
+                        "one keeps fixed-shape rank slots and cannot resume it: finish the run with 0.1, or start anew.")
+    if not isinstance(state, dict) or set(state) != {"controller", "ranks", "slot_owner"}:
         raise StateFileError(f"{folder / EPNG_STATE} does not hold an EPnGCallback state.")
     return state
 
@@ -253,16 +262,10 @@ class EPnGCallback(TrainerCallback):
     "Runs EPnG inside `transformers.Trainer` (and TRL's `SFTTrainer`), editing the Trainer's own optimizer."
     def __init__(self, handle: EPnGHandle, method: str = "epng", seed: int = 0, distributed_max_rank: int | None = None):
         self.handle, self.method, self.seed = handle, check_method(method, LORA_METHODS), seed
-        self.distributed_max_rank, self.controller, self._restored = distributed_max_rank, None, None
-
-    def on_init_end(self, args, state, control, **kwargs):
-        if args.world_size > 1 and self.method in ("grow_only", "epng"):
-            cap = self.distributed_max_rank or self.handle.config.max_rank or 4 * self.handle.config.rank
-            if self.handle.config.max_rank is None:
-                warnings.warn(f"multi-process training: expert ranks are capped at {cap} so that the factors never "
-                              "change shape under DistributedDataParallel; set EPnGConfig.max_rank to choose the cap.")
-                self.handle.config.max_rank = cap
-            reserve_capacity(self.handle, cap)
+        self.controller, self._restored = None, None
+        if distributed_max_rank is not None:
+            warnings.warn("EPnGCallback(distributed_max_rank=...) is ignored and goes in the next release: the factors "
+                          "have fixed shapes now; set EPnGConfig.max_rank to cap a rank.", DeprecationWarning, stacklevel=2)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.controller = EPnGController(self.handle, self.method, state.max_steps, seed=self.seed)
@@ -277,15 +280,15 @@ class EPnGCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / EPNG_STATE
         with atomic_dir(folder) as tmp:
             save_state({"controller": self.controller.state_dict(), "ranks": self.handle.ranks,
-                        "capacity": self.handle.loras[0].capacity}, tmp, "state")
+                        "slot_owner": slot_owners(self.handle)}, tmp, "state")
 
     def restore(self, checkpoint: str) -> str:
-        """Before `trainer.train(resume_from_checkpoint=...)`: give the model the saved ranks and capacity. `checkpoint`
+        """Before `trainer.train(resume_from_checkpoint=...)`: give the model the saved ranks and slots. `checkpoint`
         is a `checkpoint-N` folder, or the output folder (then the newest complete checkpoint in it is used); returns
         the folder to resume from."""
         folder, state = complete_trainer_checkpoint(checkpoint)
         check_controller_state(state["controller"], self.handle)   # all checked before the handle changes
-        restore_ranks(self.handle, state["ranks"], state["capacity"], self.method)
+        restore_ranks(self.handle, state["ranks"], state["slot_owner"], self.method)
         self._restored = state["controller"]
         return str(folder)
 

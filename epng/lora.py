@@ -5,6 +5,7 @@
 # %% ../nbs/08_lora.ipynb #5b83710c
 from __future__ import annotations
 import math, warnings
+from dataclasses import dataclass
 import torch
 from torch import nn
 from fastcore.basics import patch
@@ -13,8 +14,9 @@ from .compat import (apply_gate, grouped_experts_forward, grouped_linear, regist
 from .moe import MoELayer, EPnGError
 
 # %% auto #0
-__all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'ExpertLoRA', 'expert_offsets', 'AddIntoColumns',
-           'epng_experts_forward', 'lora_dtype', 'install_expert_lora', 'merge_expert_lora', 'block_diagonal']
+__all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'rank_limit_of', 'layer_slots', 'ExpertLoRA',
+           'expert_offsets', 'SlotGroup', 'SlotLayout', 'AddIntoColumns', 'epng_experts_forward', 'lora_dtype',
+           'install_expert_lora', 'merge_expert_lora', 'block_diagonal']
 
 # %% ../nbs/08_lora.ipynb #e0ea4f78
 def kaiming_rows(*shape: int, dtype=torch.float32, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -25,30 +27,48 @@ def kaiming_rows(*shape: int, dtype=torch.float32, device=None, generator: torch
     return torch.empty(*shape, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
 
 def round_up(n: int, multiple: int = 8) -> int:
-    "Smallest multiple of `multiple` >= n (rank storage stays 16-byte aligned for grouped matmuls)."
+    "Smallest multiple of `multiple` >= n (rank widths stay 16-byte aligned for grouped matmuls)."
     return max(multiple, -(-n // multiple) * multiple)
 
 # %% ../nbs/08_lora.ipynb #d9234420
 OUTPUT_BLOCK = {"gate_proj": 0, "up_proj": 1, "down_proj": 0}  # where a target's rows sit in its fused weight's output
 
+def rank_limit_of(shapes: dict) -> int:
+    "Largest rank an expert can hold: the smaller side of its smallest projection (`shapes`: target → (in, out))."
+    return min(min(shape) for shape in shapes.values())
+
+def layer_slots(config, num_experts: int, limit: int) -> int:
+    "Rank slots one MoE layer stores: `layer_capacity` × its share E·r0 of the budget, at most what its experts can use."
+    most = num_experts * min(config.max_rank or limit, limit)
+    return max(num_experts * config.rank, min(math.ceil(config.layer_capacity * num_experts * config.rank), most))
+
 class ExpertLoRA(nn.Module):
-    "LoRA factors of all experts of one MoE layer; expert e uses the first `ranks[e]` of the padded rank slots."
-    def __init__(self, num_experts: int, shapes: dict, rank: int, scaling: float, dtype=torch.float32, device=None):
+    "LoRA factors of all experts of one MoE layer in a fixed pool of rank slots; `slot_owner` says whose each slot is."
+    def __init__(self, num_experts: int, shapes: dict, rank: int, scaling: float, slots: int | None = None,
+                 dtype=torch.float32, device=None):
         super().__init__()
+        slots = num_experts * rank if slots is None else slots
+        if slots < num_experts * rank:
+            raise EPnGError(f"{slots} rank slots cannot hold {num_experts} experts at rank {rank}: give at least "
+                            f"{num_experts * rank}.")
         self.shapes, self.scaling = dict(shapes), scaling
         self.per_token_a = None  # the fast-path switches (appendix): None = decide by device, True/False = force
         self.grouped_b = None
+        self._layout = None      # the slot groups, rebuilt after every change of ownership
+        used = num_experts * rank
         self.register_buffer("ranks", torch.full((num_experts,), rank, dtype=torch.long, device=device))
-        capacity = round_up(rank)
+        owner = torch.full((slots,), -1, dtype=torch.long, device=device)
+        owner[:used] = torch.arange(num_experts, device=device).repeat_interleave(rank)
+        self.register_buffer("slot_owner", owner)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         for target, (fan_in, fan_out) in self.shapes.items():
-            a = torch.zeros(num_experts, capacity, fan_in, dtype=dtype, device=device)
-            a[:, :rank] = kaiming_rows(num_experts, rank, fan_in, dtype=dtype, device=device)
+            a = torch.zeros(slots, fan_in, dtype=dtype, device=device)
+            a[:used] = kaiming_rows(used, fan_in, dtype=dtype, device=device)
             self.A[target] = nn.Parameter(a)
-            self.B[target] = nn.Parameter(torch.zeros(num_experts, fan_out, capacity, dtype=dtype, device=device))
+            self.B[target] = nn.Parameter(torch.zeros(slots, fan_out, dtype=dtype, device=device))  # B by slot
 
     @property
-    def capacity(self) -> int: return next(iter(self.A.values())).shape[1]
+    def num_slots(self) -> int: return self.slot_owner.numel()
 
     @property
     def num_experts(self) -> int: return self.ranks.numel()
@@ -63,15 +83,51 @@ class ExpertLoRA(nn.Module):
         width = self.shapes[target][1]
         return slice(OUTPUT_BLOCK[target] * width, (OUTPUT_BLOCK[target] + 1) * width)
 
+    def _load_from_state_dict(self, *args, **kwargs):   # load_state_dict may change the owners
+        super()._load_from_state_dict(*args, **kwargs)
+        self._layout = None
+
     def extra_repr(self) -> str:
-        return f"targets={list(self.shapes)}, experts={self.num_experts}, capacity={self.capacity}, scaling={self.scaling}"
+        return (f"targets={list(self.shapes)}, experts={self.num_experts}, slots={self.num_slots}, "
+                f"scaling={self.scaling}")
 
 # %% ../nbs/08_lora.ipynb #330e849b
 @patch
-def live(self: ExpertLoRA, expert_ids: torch.Tensor, dtype) -> torch.Tensor:
-    "(rows, capacity) 0/1 mask: the rank slots in use by each routed row's expert."
-    slots = torch.arange(self.capacity, device=expert_ids.device)
-    return (slots < self.ranks[expert_ids, None]).to(dtype)
+def expert_slots(self: ExpertLoRA) -> list[list[int]]:
+    "Each expert's slots, in rank order (ascending slot index)."
+    owned = [[] for _ in range(self.num_experts)]
+    for s, e in enumerate(self.slot_owner.tolist()):
+        if e >= 0: owned[e].append(s)
+    return owned
+
+@patch
+@torch.no_grad()
+def assign_ranks(self: ExpertLoRA, ranks, slot_owner: torch.Tensor | None = None) -> None:
+    """Lay out `ranks` afresh: as `slot_owner` says if given (it must agree with `ranks`), else expert e owns the next
+    ranks[e] slots; the slots left free are zeroed."""
+    ranks = torch.as_tensor(ranks, dtype=torch.long).cpu()
+    if tuple(ranks.shape) != (self.num_experts,) or int(ranks.min()) < 0 or int(ranks.sum()) > self.num_slots:
+        raise EPnGError(f"ranks {ranks.tolist()[:8]}… do not fit this layer: {self.num_experts} ranks >= 0 adding up "
+                        f"to at most its {self.num_slots} slots.")
+    if slot_owner is None:
+        slot_owner = torch.full((self.num_slots,), -1, dtype=torch.long)
+        slot_owner[:int(ranks.sum())] = torch.arange(self.num_experts).repeat_interleave(ranks)
+    owner = torch.as_tensor(slot_owner, dtype=torch.long).cpu()
+    if tuple(owner.shape) != (self.num_slots,) or int(owner.min()) < -1 or int(owner.max()) >= self.num_experts \
+            or torch.bincount(owner[owner >= 0], minlength=self.num_experts).tolist() != ranks.tolist():
+        raise EPnGError(f"slot_owner must give each of the {self.num_slots} slots an expert 0..{self.num_experts - 1} "
+                        "or -1 (free), each expert as many slots as its rank.")
+    self.slot_owner.copy_(owner)
+    self.ranks.copy_(ranks)
+    free = (owner < 0).to(self.slot_owner.device)
+    for p in self.parameters(): p.data[free] = 0
+    self._layout = None
+
+@patch
+def expert_factors(self: ExpertLoRA, target: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "One expert's `(A: r × in, B: out × r)` for `target`: the rows of its slots (copies, part of the autograd graph)."
+    slots = (self.slot_owner == expert).nonzero().flatten()
+    return self.A[target][slots], self.B[target][slots].T
 
 # %% ../nbs/08_lora.ipynb #cc604353
 def expert_offsets(sorted_expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -81,19 +137,81 @@ def expert_offsets(sorted_expert_ids: torch.Tensor, num_experts: int) -> torch.T
     return torch.cumsum(counts, dim=0, dtype=torch.int32)
 
 # %% ../nbs/08_lora.ipynb #08f66f93
+@dataclass
+class SlotGroup:
+    "Experts whose ranks round up to the same `width`: one grouped multiply serves them all."
+    width: int
+    experts: torch.Tensor   # (G,) ascending
+    slots: torch.Tensor     # (G, width): each expert's slots in rank order, then padding (slot 0, masked)
+    live: torch.Tensor      # (G, width) bool: a slot of the expert's, not padding
+
+@dataclass
+class SlotLayout:
+    "A layer's slot groups, where each expert sits in them (-1: rank 0), and the device they live on."
+    groups: list
+    group_of_expert: torch.Tensor
+    place: torch.Tensor
+    device: torch.device
+
+    @property
+    def whole(self) -> bool:
+        "One group holds every expert, in order: the rows need no regrouping."
+        return len(self.groups) == 1 and len(self.groups[0].experts) == len(self.group_of_expert)
+
+@patch
+def layout(self: ExpertLoRA, device=None) -> SlotLayout:
+    "The slot groups (cached until ownership changes)."
+    device = torch.device(device or self.ranks.device)
+    if self._layout is not None and self._layout.device == device: return self._layout
+    owned = self.expert_slots()
+    if [len(s) for s in owned] != self.ranks.tolist():
+        raise EPnGError("ranks and slot_owner disagree: change ranks with prune and grow (or assign_ranks), "
+                        "not by writing to ranks.")
+    widths = {}
+    for e, slots in enumerate(owned):
+        if slots: widths.setdefault(round_up(len(slots)), []).append(e)
+    groups, group_of, place = [], [-1] * self.num_experts, [0] * self.num_experts
+    for width, experts in sorted(widths.items()):
+        for k, e in enumerate(experts): group_of[e], place[e] = len(groups), k
+        groups.append(SlotGroup(width, torch.tensor(experts, device=device),
+                                torch.tensor([owned[e] + [0] * (width - len(owned[e])) for e in experts], device=device),
+                                torch.tensor([[j < len(owned[e]) for j in range(width)] for e in experts], device=device)))
+    self._layout = SlotLayout(groups, torch.tensor(group_of, device=device), torch.tensor(place, device=device), device)
+    return self._layout
+
+# %% ../nbs/08_lora.ipynb #e4049d02
+@patch
+def routes(self: ExpertLoRA, expert_ids: torch.Tensor, offsets: torch.Tensor) -> list:
+    "Per slot group: `(group, its rows among the expert-sorted rows (None: all), its offsets)`; empty groups left out."
+    layout = self.layout(expert_ids.device)
+    if layout.whole: return [(layout.groups[0], None, offsets)]
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    group_of_row = layout.group_of_expert[expert_ids]
+    order = torch.argsort(group_of_row, stable=True)
+    sizes = torch.bincount(group_of_row + 1, minlength=len(layout.groups) + 1).tolist()   # one host sync
+    routes, start = [], sizes[0]                       # rows of rank-0 experts sort first and are skipped
+    for group, size in zip(layout.groups, sizes[1:]):
+        if size: routes.append((group, order[start:start + size],
+                                torch.cumsum(counts[group.experts], 0, dtype=torch.int32)))
+        start += size
+    return routes
+
+# %% ../nbs/08_lora.ipynb #a5e24322
 class AddIntoColumns(torch.autograd.Function):
-    """`out[:, cols] += part` in place. The backward hands `out`'s gradient on as it is and `part` its columns of it, a
-    view; autograd's own in-place add into a column slice would copy the whole gradient (see the appendix)."""
+    """`out[rows, cols] += part` in place (`rows` None: all rows). The backward hands `out`'s gradient on as it is and
+    `part` its columns of it; autograd's own in-place add into a column slice would copy the whole gradient."""
     @staticmethod
-    def forward(ctx, out: torch.Tensor, cols: slice, part: torch.Tensor) -> torch.Tensor:
-        out[:, cols].add_(part)
+    def forward(ctx, out: torch.Tensor, cols: slice, part: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is None: out[:, cols].add_(part)
+        else: out[:, cols].index_add_(0, rows, part)   # each row once: no two adds meet
         ctx.mark_dirty(out)
-        ctx.cols = cols
+        ctx.cols, ctx.rows = cols, rows
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None, grad[:, ctx.cols]
+        part = grad[:, ctx.cols]
+        return grad, None, part if ctx.rows is None else part.index_select(0, ctx.rows), None
 
 # %% ../nbs/08_lora.ipynb #abfabddb
 @patch
@@ -102,29 +220,46 @@ def _use_grouped_b(self: ExpertLoRA, device: torch.device) -> bool:
     return self.grouped_b if self.grouped_b is not None else device.type == "cuda"
 
 @patch
-def _use_per_token_a(self: ExpertLoRA, device: torch.device, width: int) -> bool:
-    "Project A per token? `per_token_a`, else on GPUs while E·`width` (width = n·R) is at most 2048 columns."
+def _use_per_token_a(self: ExpertLoRA, device: torch.device, columns: int) -> bool:
+    "Project A per token? `per_token_a`, else on GPUs while a group's stacked A has at most 2048 rows (G·n·w)."
     if self.per_token_a is not None: return self.per_token_a
-    return device.type == "cuda" and self.num_experts * width <= 2048
+    return device.type == "cuda" and columns <= 2048
 
 # %% ../nbs/08_lora.ipynb #f4b22a9d
 @patch
-def add_delta(self: ExpertLoRA, out: torch.Tensor, targets: tuple, x: torch.Tensor, offsets: torch.Tensor,
-              live: torch.Tensor, tokens: tuple | None = None) -> torch.Tensor:
-    """Add s·B_e A_e x of each of `targets` (all reading the rows `x`) to its columns of `out`, in place.
-    A is stacked so that one matmul projects every target; each B adds into its own columns, one target's output
-    beside `out` at a time. `tokens = (hidden_states, token_of_row, expert_of_row)` projects A once per token, and
-    `grouped_b` may make all B one block-diagonal matmul (both in the appendix)."""
-    a = torch.cat([self.A[t] for t in targets], dim=1).to(x.dtype)             # (E, n·R, in)
-    u = grouped_linear(x, a, offsets) if tokens is None else self._per_token_u(a, tokens)   # (S, n·R)
-    u = u * (self.scaling * live.repeat(1, len(targets)))                       # scaled here: u is small
-    if sum(self.shapes[t][1] for t in targets) == out.shape[1]:                 # B's outputs fill `out`
-        if len(targets) == 1: return out.add_(grouped_linear(u, self.B[targets[0]].to(x.dtype), offsets))
-        if self._use_grouped_b(x.device): return self._add_grouped_b(out, targets, u, offsets)
-    R = self.capacity
-    for k, target in enumerate(targets):  # one target's output at a time beside `out`
-        part = grouped_linear(u[:, k * R:(k + 1) * R], self.B[target].to(x.dtype), offsets)
-        out = AddIntoColumns.apply(out, self.output_rows(target), part)  # weight rows = activation columns
+def add_delta(self: ExpertLoRA, out: torch.Tensor, targets: tuple, x: torch.Tensor, routes: list,
+              tokens: tuple | None = None) -> torch.Tensor:
+    """Add s·B_e A_e x of each of `targets` (all reading the expert-sorted rows `x`) to its columns of `out`, in
+    place, one slot group of `routes` at a time. `tokens = (hidden_states, token_of_row, expert_of_row)` lets a group
+    project A once per token, and `grouped_b` may make all B one block-diagonal matmul (both in the appendix)."""
+    if not routes: return self._touch(out, targets)
+    for group, rows, offsets in routes:
+        live = group.live.to(x.dtype)[..., None]                                 # (G, w, 1): padding → 0
+        a = torch.cat([self.A[t][group.slots].to(x.dtype) * live for t in targets], dim=1)   # (G, n·w, in)
+        if tokens is not None and self._use_per_token_a(x.device, a.shape[0] * a.shape[1]):
+            hidden, token_of_row, expert_of_row = tokens if rows is None else (tokens[0], tokens[1][rows], tokens[2][rows])
+            u = self._per_token_u(a, (hidden, token_of_row, self.layout(x.device).place[expert_of_row]))
+        else: u = grouped_linear(x if rows is None else x[rows], a, offsets)      # (rows of the group, n·w)
+        b = [(self.B[t][group.slots].to(x.dtype) * live).transpose(1, 2) for t in targets]   # (G, out, w) each
+        out = self._add_b(out, targets, u * self.scaling, b, offsets, rows)     # scaled here: u is small
+    return out
+
+@patch
+def _touch(self: ExpertLoRA, out: torch.Tensor, targets: tuple) -> torch.Tensor:
+    "`out` plus a zero that depends on the factors of `targets`: they get a (zero) gradient though no row used them."
+    return out + sum(self.A[t][:0].sum() + self.B[t][:0].sum() for t in targets).to(out.dtype)
+
+@patch
+def _add_b(self: ExpertLoRA, out: torch.Tensor, targets: tuple, u: torch.Tensor, b: list, offsets: torch.Tensor,
+           rows: torch.Tensor | None) -> torch.Tensor:
+    "u B_eᵀ of each target into its columns of `out`: one target's output beside `out` at a time."
+    if rows is None and sum(self.shapes[t][1] for t in targets) == out.shape[1]:   # B's outputs fill `out`
+        if len(targets) == 1: return out.add_(grouped_linear(u, b[0], offsets))
+        if self._use_grouped_b(u.device): return out.add_(grouped_linear(u, block_diagonal(b), offsets))
+    w = b[0].shape[2]
+    for k, target in enumerate(targets):
+        part = grouped_linear(u[:, k * w:(k + 1) * w], b[k], offsets)
+        out = AddIntoColumns.apply(out, self.output_rows(target), part, rows)  # weight rows = activation columns
     return out
 
 # %% ../nbs/08_lora.ipynb #8e1d0c4a
@@ -138,19 +273,16 @@ def epng_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     token_of_row = perm // top_k
     x = hidden_states[token_of_row]
     offsets = expert_offsets(expert_ids, self.num_experts)
-    live = lora.live(expert_ids, x.dtype) if lora is not None else None
+    routes = lora.routes(expert_ids, offsets) if lora is not None else None   # one regrouping for every target
     routed = extra.route(expert_ids) if extra is not None else None  # the extra term's own rows and offsets
 
     gate_up = grouped_linear(x, self.gate_up_proj, offsets)
-    if lora is not None and lora.gate_up_targets:
-        per_token = lora._use_per_token_a(x.device, len(lora.gate_up_targets) * lora.capacity)
-        # in place: the grouped matmul's backward does not need its output
-        gate_up = lora.add_delta(gate_up, lora.gate_up_targets, x, offsets, live,
-                                 (hidden_states, token_of_row, expert_ids) if per_token else None)
+    if lora is not None and lora.gate_up_targets:  # in place: the grouped matmul's backward does not need its output
+        gate_up = lora.add_delta(gate_up, lora.gate_up_targets, x, routes, (hidden_states, token_of_row, expert_ids))
     if extra is not None: gate_up = extra.add_gate_up(gate_up, x, routed)
     hidden = apply_gate(self, gate_up)
     out = grouped_linear(hidden, self.down_proj, offsets)
-    if lora is not None and "down_proj" in lora.shapes: out = lora.add_delta(out, ("down_proj",), hidden, offsets, live)
+    if lora is not None and "down_proj" in lora.shapes: out = lora.add_delta(out, ("down_proj",), hidden, routes)
     if extra is not None: out = extra.add_down(out, hidden, routed)
     if getattr(self, "has_post_expert_norm", False): out = self.post_expert_norm(out)  # absent before transformers 5.2x
 
@@ -174,8 +306,9 @@ def install_expert_lora(model: nn.Module, layers: list[MoELayer], config) -> lis
     model.requires_grad_(False)
     loras = []
     for layer in layers:
-        weight = layer.experts.gate_up_proj
-        lora = ExpertLoRA(layer.num_experts, layer.target_shapes(config.targets), config.rank, config.scaling,
+        weight, shapes = layer.experts.gate_up_proj, layer.target_shapes(config.targets)
+        lora = ExpertLoRA(layer.num_experts, shapes, config.rank, config.scaling,
+                          layer_slots(config, layer.num_experts, rank_limit_of(shapes)),
                           dtype=lora_dtype(weight), device=weight.device)
         layer.experts.epng_lora = lora
         loras.append(lora)
@@ -186,8 +319,8 @@ def install_expert_lora(model: nn.Module, layers: list[MoELayer], config) -> lis
 @patch
 def delta_weight(self: ExpertLoRA, target: str, expert: int) -> torch.Tensor:
     "ΔW = s · B A of one expert, (out, in)."
-    r = int(self.ranks[expert])
-    return self.scaling * self.B[target][expert, :, :r] @ self.A[target][expert, :r]
+    a, b = self.expert_factors(target, expert)
+    return self.scaling * b @ a
 
 @torch.no_grad()
 def merge_expert_lora(layer: MoELayer) -> None:
@@ -202,25 +335,18 @@ def merge_expert_lora(layer: MoELayer) -> None:
 # %% ../nbs/08_lora.ipynb #6931cc8e
 @patch
 def _per_token_u(self: ExpertLoRA, a: torch.Tensor, tokens: tuple) -> torch.Tensor:
-    "u of every routed row from one dense matmul of all tokens with all experts' stacked A (E, n·R, in)."
-    hidden, token_of_row, expert_of_row = tokens
-    per_token = hidden @ a.flatten(0, 1).T                                  # (T, E·n·R)
-    return per_token.view(hidden.shape[0], a.shape[0], a.shape[1])[token_of_row, expert_of_row]
+    "u of every routed row from one dense matmul of all tokens with a group's stacked A (G, n·w, in)."
+    hidden, token_of_row, place_of_row = tokens
+    per_token = hidden @ a.flatten(0, 1).T                                  # (T, G·n·w)
+    return per_token.view(hidden.shape[0], a.shape[0], a.shape[1])[token_of_row, place_of_row]
 
 # %% ../nbs/08_lora.ipynb #3c40a852
 def block_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
-    "Per-expert block-diagonal stack of (E, out_k, R) factors: (E, Σ out_k, n·R); one block is returned as it is."
+    "Per-expert block-diagonal stack of (G, out_k, w) factors: (G, Σ out_k, n·w); one block is returned as it is."
     if len(blocks) == 1: return blocks[0]
     rows = [torch.cat([b if j == k else b.new_zeros(b.shape) for j in range(len(blocks))], dim=2)
             for k, b in enumerate(blocks)]
     return torch.cat(rows, dim=1)
-
-@patch
-def _add_grouped_b(self: ExpertLoRA, out: torch.Tensor, targets: tuple, u: torch.Tensor,
-                   offsets: torch.Tensor) -> torch.Tensor:
-    "All targets' B as one block-diagonal weight (E, Σ out, n·R): one grouped matmul, one add to all of `out`."
-    b = block_diagonal([self.B[t] for t in targets]).to(u.dtype)
-    return out.add_(grouped_linear(u, b, offsets))
 
 # %% ../nbs/08_lora.ipynb #9401be69
 ExpertLoRA.one_b = renamed_attribute("one_b", "grouped_b")
@@ -237,4 +363,4 @@ def token_level_a(self: ExpertLoRA, device: torch.device, width: int) -> bool:
     "Deprecated: whether A is projected per token on `device`; set `per_token_a` to force."
     warnings.warn("ExpertLoRA.token_level_a() goes in the next release: set ExpertLoRA.per_token_a to choose.",
                   DeprecationWarning, stacklevel=2)
-    return self._use_per_token_a(device, width)
+    return self._use_per_token_a(device, self.num_experts * width)

@@ -46,34 +46,37 @@ def select_grow(importance: torch.Tensor, grow_ratio: float, exclude: torch.Tens
 
 # %% ../nbs/07_selection.ipynb #2dab78af
 class BudgetError(EPnGError):
-    "The freed ranks cannot all be placed under `max_rank`."
+    "The freed ranks cannot all be placed under `max_rank` and the layers' slots."
 
 def deal_ranks(freed: int, order: torch.Tensor, ranks: torch.Tensor, max_rank: int | None = None,
-               delta: int | None = None, limit_to_freed: bool = True, spill: torch.Tensor | None = None) -> torch.Tensor:
+               delta: int | None = None, limit_to_freed: bool = True, spill: torch.Tensor | None = None,
+               layer_slots: list[int] | None = None) -> torch.Tensor:
     """Ranks to add per expert (same shape as `ranks`): deal `freed` ranks round-robin along `order` (flat indices),
-    skipping experts at `max_rank`, and once all of `order` is full, along `spill`. With `delta`, each expert in
-    `order` gets up to `delta` (while `freed` lasts if `limit_to_freed`)."""
+    skipping experts at `max_rank` or in a layer whose `layer_slots` are all in use, and once all of `order` is full,
+    along `spill`. With `delta`, each expert in `order` gets up to `delta` (while `freed` lasts if `limit_to_freed`)."""
     cap = max_rank if max_rank is not None else math.inf
     current = ranks.flatten().cpu().tolist()
-    added = [0] * len(current)
+    added, E = [0] * len(current), ranks.shape[-1]
+    room = ([math.inf] * (len(current) // E) if layer_slots is None
+            else [s - int(r) for s, r in zip(layer_slots, ranks.view(-1, E).sum(1).tolist())])   # free slots per layer
     order, spill = order.tolist(), ([] if spill is None else spill.tolist())
     if delta is not None:
         left = freed if limit_to_freed else math.inf
         for i in order:
-            give = int(min(delta, cap - current[i], left))
-            added[i], left = give, left - give
+            give = int(min(delta, cap - current[i], left, room[i // E]))
+            added[i], left, room[i // E] = give, left - give, room[i // E] - give
         return torch.tensor(added, dtype=ranks.dtype).view(ranks.shape)
     while freed > 0:
-        open_ = [i for i in order if current[i] + added[i] < cap]
+        open_ = [i for i in order if current[i] + added[i] < cap and room[i // E] > 0]
         if not open_ and spill:
             order, spill = spill, []
             continue
         if not open_:
-            raise BudgetError(f"cannot place {freed} freed ranks: every candidate expert is at max_rank={max_rank}; "
-                              "raise max_rank, lower prune_ratio or raise grow_ratio.")
+            raise BudgetError(f"cannot place {freed} freed ranks: every candidate expert is at max_rank={max_rank} or "
+                              "in a layer whose rank slots are all in use; raise max_rank or EPnGConfig.layer_capacity, "
+                              "lower prune_ratio or raise grow_ratio.")
         for i in open_[:freed]:
-            added[i] += 1
-        freed -= min(freed, len(open_))
+            if room[i // E] > 0: added[i], room[i // E], freed = added[i] + 1, room[i // E] - 1, freed - 1
     return torch.tensor(added, dtype=ranks.dtype).view(ranks.shape)
 
 # %% ../nbs/07_selection.ipynb #bff770ca
@@ -95,8 +98,9 @@ class CyclePlan:
 
 @renamed_arguments(alpha="prune_ratio", beta="grow_ratio")
 def plan_cycle(importance: torch.Tensor, ranks: torch.Tensor, prune_ratio: float, grow_ratio: float, max_rank: int | None = None,
-               prune: bool = True, grow: bool = True, delta: int | None = None) -> CyclePlan:
-    "Plan one EPnG cycle from importance p̄ and current ranks (both layers × experts)."
+               prune: bool = True, grow: bool = True, delta: int | None = None,
+               layer_slots: list[int] | None = None) -> CyclePlan:
+    "Plan one EPnG cycle from importance p̄ and current ranks (both layers × experts), each layer within its `layer_slots`."
     if importance.shape != ranks.shape:
         raise EPnGError(f"importance {tuple(importance.shape)} and ranks {tuple(ranks.shape)} must have the same shape")
     importance, ranks = importance.detach().float().cpu(), ranks.detach().cpu()
@@ -104,8 +108,8 @@ def plan_cycle(importance: torch.Tensor, ranks: torch.Tensor, prune_ratio: float
     order = select_grow(importance, grow_ratio, exclude=pruned) if grow else torch.zeros(0, dtype=torch.long)
     freed = int(ranks[pruned].sum())
     base = torch.where(pruned, 0, ranks)
-    rest = growth_candidates(importance, exclude=pruned)  # budget-neutral: past G when max_rank fills it
-    added = (deal_ranks(freed, order, base, max_rank, delta, limit_to_freed=prune, spill=rest) if grow
+    rest = growth_candidates(importance, exclude=pruned)  # budget-neutral: past G when max_rank or a layer fills it
+    added = (deal_ranks(freed, order, base, max_rank, delta, limit_to_freed=prune, spill=rest, layer_slots=layer_slots) if grow
              else torch.zeros_like(ranks))  # prune-only: freed ranks leave the budget
     tau_p = float(importance[pruned].max()) if pruned.any() else math.nan
     tau_g = float(importance.flatten()[order].min()) if len(order) else math.nan

@@ -80,6 +80,7 @@ class TrainArgs:
     importance_decay: float = 0.2        # λ: factor the importance statistics are multiplied by after each cycle
     lora_alpha: float = 16               # LoRA's scale: the factors' product is multiplied by lora_alpha / rank
     max_rank: int | None = None          # cap on one expert's rank as it grows; what its projections allow unless given
+    layer_capacity: float = 2.0          # rank slots each MoE layer stores, × its share of the budget (grow-only: enough)
     importance: str = "gate"             # how p̄ reads the router (notebook 04): 'gate' (paper), 'selection', 'weight'
     esft_criterion: str = "token"        # ESFT's expert score: 'token' (selection ratio) or 'gate' (mean gate score)
     esft_top_p: float | None = None      # share of a layer's ESFT score to cover; 0.2 (token) or 0.1 (gate) unless given
@@ -119,11 +120,18 @@ def check(self: TrainArgs) -> None:
 
 @patch
 def epng_config(self: TrainArgs):
-    "The `EPnGConfig` (notebook 06) of these settings."
-    from epng.config import EPnGConfig
-    return EPnGConfig(rank=self.rank, targets=self.targets, prune_ratio=self.prune_ratio, grow_ratio=self.grow_ratio,
-                      warmup_steps=self.warmup_steps, cycle_interval=self.cycle_interval, importance_decay=self.importance_decay,
-                      lora_alpha=self.lora_alpha, max_rank=self.max_rank, importance=self.importance)
+    "The `EPnGConfig` (notebook 06) of these settings; grow-only gets the slots its every cycle could add to a layer."
+    from epng.config import EPnGConfig, MAX_LAYER_CAPACITY
+    from epng.loop import cycle_steps, grow_only_delta
+    config = EPnGConfig(rank=self.rank, targets=self.targets, prune_ratio=self.prune_ratio, grow_ratio=self.grow_ratio,
+                        warmup_steps=self.warmup_steps, cycle_interval=self.cycle_interval,
+                        importance_decay=self.importance_decay, lora_alpha=self.lora_alpha, max_rank=self.max_rank,
+                        importance=self.importance, layer_capacity=self.layer_capacity)
+    if self.method == "grow_only":   # the budget grows: at most Δr per expert per cycle
+        cycles = len(cycle_steps(self.max_steps, config.warmup_steps, config.cycle_interval))
+        config.layer_capacity = min(MAX_LAYER_CAPACITY, max(config.layer_capacity,
+                                                            1 + cycles * grow_only_delta(config) / config.rank))
+    return config
 
 @patch
 def to_dict(self: TrainArgs) -> dict: return {**asdict(self), "targets": list(self.targets)}

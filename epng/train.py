@@ -19,7 +19,7 @@ from .moe import EPnGError
 from .gates import plot_expert_heatmap
 from .selection import BudgetError, plan_cycle
 from .handle import attach
-from .data import load_rows, SFTDataset, StepBatchSampler, collate
+from .data import IGNORE_INDEX, load_rows, SFTDataset, StepBatchSampler, collate
 from .nano import load_nano
 from .samples import nano_task
 from .loop import LORA_METHODS, EPnGController, average_over_processes, plot_cycle_history, plot_losses
@@ -34,14 +34,14 @@ from .compat import RENAMED_KNOBS, renamed_keywords
 __all__ = ['MAX_MODEL_JSON_BYTES', 'EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMABLE_DIFFERENCES',
            'TRAINER_STATE', 'OLD_TRAINER_STATE', 'TUNER_STATE', 'BUDGET_METHODS', 'IMPLEMENTATION_FLAGS', 'RUN_FILES',
            'check_model_files', 'load_model_and_tokenizer', 'embedded_rows', 'make_tuner', 'method_share',
-           'init_processes', 'bounded_wait', 'average_gradients', 'shared_statistics', 'DamagedCheckpointError',
+           'init_processes', 'bounded_wait', 'distributed', 'shared_statistics', 'DamagedCheckpointError',
            'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint', 'nonfinite',
            'nonfinite_state', 'save_checkpoint', 'check_resumable', 'saved_settings', 'check_trainer_state',
            'inspect_checkpoint', 'resume_candidates', 'check_optimizer_state', 'check_scheduler_state', 'apply_changes',
            'load_checkpoint', 'make_optimizer', 'step_batches', 'to_device', 'default_output_dir', 'claim_new_folder',
            'previous_run', 'run_folder', 'RunInterrupted', 'StopSignals', 'resume_command', 'check_output_dir',
            'check_cycles_fit', 'enable_checkpointing', 'preset_line', 'open_run', 'build_tuner', 'resume_into',
-           'step_loss', 'diverged', 'stop_here', 'train', 'save_run']
+           'loss_tokens', 'step_loss', 'diverged', 'stop_here', 'train', 'save_run']
 
 # %% ../nbs/13_train.ipynb #9a9413dd
 MAX_MODEL_JSON_BYTES = 256 * 2**20   # a model's largest JSON, tokenizer.json, is tens of MB
@@ -122,16 +122,10 @@ def bounded_wait(timeout: float, world: int):
                         "--dist-timeout if a step legitimately takes longer.") from e
 
 # %% ../nbs/13_train.ipynb #988bf723
-def average_gradients(parameters, world: int) -> None:
-    "Average the gradients of `parameters` over all processes (one flat all-reduce)."
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if world == 1 or not grads: return
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g)); offset += g.numel()
+def distributed(model: nn.Module, world: int, device: torch.device) -> nn.Module:
+    "`model` itself in one process; with several, wrapped in `DistributedDataParallel`, which averages the gradients."
+    if world == 1: return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 @contextlib.contextmanager
 def shared_statistics(tuner):
@@ -530,7 +524,8 @@ def check_cycles_fit(handle, args: TrainArgs) -> None:
     "Dry-run EPnG's first cycle on `handle`'s shapes: refuse settings whose freed ranks cannot be placed."
     if args.method != "epng" or not cycle_steps(args.max_steps, args.warmup_steps, args.cycle_interval): return
     ranks, cap = handle.ranks, handle.max_rank
-    try: plan_cycle(torch.ones(ranks.shape), ranks, args.prune_ratio, args.grow_ratio, max_rank=cap)
+    try: plan_cycle(torch.ones(ranks.shape), ranks, args.prune_ratio, args.grow_ratio, max_rank=cap,
+                    layer_slots=[lora.num_slots for lora in handle.loras])
     except BudgetError:
         n = ranks.numel(); kept = n - math.floor(round(args.prune_ratio * n, 9))
         raise EPnGError(f"these settings cannot survive a prune-and-grow cycle: the first cycle prunes {n - kept} of "
@@ -605,15 +600,26 @@ def resume_into(model, dataset, run: dict) -> dict:
                 start=start, losses=losses, changes=changes, last_good=last_good)
 
 # %% ../nbs/13_train.ipynb #efd978ec
-def step_loss(model, batches, trainable: list, run: dict) -> torch.Tensor:
-    "Forward and backward over one step's `grad_accum` micro-batches, gradients averaged over processes: the mean loss."
+def loss_tokens(batch: dict) -> torch.Tensor:
+    "The tokens a causal LM's loss averages over: labels other than -100, after the shift by one."
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+def step_loss(model, batches, run: dict) -> torch.Tensor:
+    """Forward and backward over one step's `grad_accum` micro-batches, gradients averaged over processes; returns the
+    step's loss: the mean over every loss token of the step, in every micro-batch and process, as one process with
+    the whole batch would take it."""
     args, world, device = run["args"], run["world"], run["device"]
+    micro = [to_device(next(batches), device) for _ in range(args.grad_accum)]
+    every = sum(loss_tokens(b) for b in micro)
+    if world > 1: dist.all_reduce(every)
     total = torch.zeros((), device=device)
-    for _ in range(args.grad_accum):
-        loss = model(**to_device(next(batches), device)).loss / args.grad_accum
-        loss.backward()
+    for k, batch in enumerate(micro):
+        share = loss_tokens(batch) * world / every.clamp(min=1)    # 1 for one process and one micro-batch
+        last = k == args.grad_accum - 1      # DDP exchanges the gradients once, in the last backward pass
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            loss = model(**batch).loss * share
+            loss.backward()                  # DDP averages over processes: Σ token losses ÷ all tokens
         total += loss.detach()
-    average_gradients(trainable, world)
     if world > 1: dist.all_reduce(total); total /= world
     return total
 
@@ -649,12 +655,12 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
     model, tuner, controller, optimizer, scheduler = (s[k] for k in ("model", "tuner", "controller", "optimizer", "scheduler"))
     losses, changes, last_good = s["losses"], s["changes"], s["last_good"]
     model.train()
+    stepper, trainable = distributed(model, world, device), list(tuner.parameters())   # fixed for the whole run
     batches = step_batches(dataset, args, rank, world, s["start"])
     bar = tqdm(range(s["start"] + 1, args.max_steps + 1), desc=f"{args.method} training", disable=not progress or rank > 0)
     with bounded_wait(args.dist_timeout, world), StopSignals() as stop:
         for step in bar:
-            trainable = list(tuner.parameters())             # this step's: growth may have replaced a factor
-            total = step_loss(model, batches, trainable, run)
+            total = step_loss(stepper, batches, run)
             if not torch.isfinite(total): raise diverged(f"the loss is {total.item()}", step, last_good, args.lr)
             norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
             if not torch.isfinite(norm): raise diverged(f"the gradient norm is {norm.item()} (with a finite loss, "

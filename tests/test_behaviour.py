@@ -76,10 +76,11 @@ def test_pruned_slots_stay_exactly_zero_under_adamw(tiny):
     h = epng.attach(model)
     ids = torch.randint(3, 256, (4, 12))
     _train(model, h, 3, ids)
+    slots = h.loras[1].expert_slots()[4]
     h.prune(1, 4)
     _train(model, h, 5, ids)  # a new optimizer: fresh state, weight decay on
     for p in h.loras[1].parameters():
-        assert p.detach()[4].abs().sum() == 0
+        assert p.detach()[slots].abs().sum() == 0 and p.detach()[h.loras[1].slot_owner < 0].abs().sum() == 0
 
 
 def test_cycles_keep_budget_and_training_continues(tiny):
@@ -141,7 +142,52 @@ def test_per_target_adds_copy_no_gradient(tiny, monkeypatch):
     ids = torch.randint(3, 256, (2, 16))
     for lora in h.loras: lora.grouped_b = False
     assert _full_width_copies(model, ids, 96) == 0
-    def autograd_slice_adds(out, cols, part):                  # the plain in-place add: the detector must see its copies
+    def autograd_slice_adds(out, cols, part, rows=None):       # the plain in-place add: the detector must see its copies
         out[:, cols].add_(part); return out
     monkeypatch.setattr(epng.lora.AddIntoColumns, "apply", autograd_slice_adds)
     assert _full_width_copies(model, ids, 96) > 0
+
+
+def test_growth_into_lower_free_slots_keeps_rank_order_and_moves_optimizer_state(tiny):
+    "A pruned expert frees slots below a grown expert's: its old ranks move down with their AdamW state, new ones follow."
+    model = tiny()
+    h = epng.attach(model)
+    opt = torch.optim.AdamW(h.parameters(), lr=1e-2, weight_decay=0.1)
+    h.bind_optimizer(opt)
+    ids = torch.randint(3, 256, (4, 12))
+    model.train()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward(); opt.step(); opt.zero_grad()
+    lora, params = h.loras[0], list(h.loras[0].parameters())
+    old_slots = lora.expert_slots()[5]
+    old = {t: h.factors(0, 5, t) for t in lora.shapes}
+    state = [{k: v[old_slots].clone() for k, v in opt.state[p].items() if v.dim()} for p in params]
+    h.prune(0, 1)                                           # frees slots 8..15, below expert 5's 40..47
+    model.eval()
+    with torch.no_grad(): before = model(input_ids=ids).logits
+    h.grow(0, 5, 3)
+    with torch.no_grad(): after = model(input_ids=ids).logits
+    slots = lora.expert_slots()[5]
+    assert slots[0] < old_slots[0] and len(slots) == 11
+    assert (after - before).abs().max().item() <= 1e-6
+    for t, (a, b) in old.items():
+        a2, b2 = h.factors(0, 5, t)
+        assert torch.equal(a2[:8], a) and torch.equal(b2[:, :8], b) and (b2[:, 8:] == 0).all()
+        assert (a2[8:] @ a.T).abs().max() < 1e-5
+    for p, saved in zip(params, state):                     # the old ranks' moments moved with them; new ones are zero
+        for k, v in saved.items():
+            assert torch.equal(opt.state[p][k][slots[:8]], v) and (opt.state[p][k][slots[8:]] == 0).all()
+    assert all(p is q for p, q in zip(lora.parameters(), params))
+
+
+def test_every_factor_gets_a_gradient_even_when_no_row_reaches_it(tiny):
+    "DistributedDataParallel waits for a gradient of every trainable tensor: a fully pruned layer still yields zeros."
+    model = tiny()
+    h = epng.attach(model)
+    for e in range(h.loras[0].num_experts): h.prune(0, e)
+    ids = torch.randint(3, 256, (2, 8))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in h.parameters())
+    assert all(float(p.grad.abs().sum()) == 0 for p in h.loras[0].parameters())
+    assert any(float(p.grad.abs().sum()) > 0 for p in h.loras[1].parameters())

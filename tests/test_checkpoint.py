@@ -22,7 +22,7 @@ def _base(arch="olmoe", **overrides):
 
 
 def _trained(base, targets=("gate_proj", "up_proj"), steps=3):
-    "A handle on a copy of `base` with skewed ranks (pruned, grown past capacity) and trained, non-zero B."
+    "A handle on a copy of `base` with skewed ranks (pruned, grown into free slots) and trained, non-zero B."
     model = copy.deepcopy(base)
     h = epng.attach(model, epng.EPnGConfig(targets=targets))
     g = torch.Generator().manual_seed(1)
@@ -220,13 +220,13 @@ def test_save_load_is_exact(tmp_path, arch, targets):
     save_adapter(h, tmp_path / "a", extra={"step": 3})
     meta = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
     assert meta["ranks"] == h.ranks.tolist() and meta["extra"] == {"step": 3} and meta["targets"] == list(targets)
-    assert meta["model"]["model_type"] == arch and meta["capacity"] == [16, 24]
+    assert meta["model"]["model_type"] == arch and meta["slots"] == [128, 128]
     tensors = load_file(tmp_path / "a" / ADAPTER_WEIGHTS)
-    assert tensors[f"layers.1.{targets[0]}.A"].shape[1] == 17   # trimmed to the layer's largest rank, not capacity
+    assert tensors[f"layers.1.{targets[0]}.A"].shape[1] == 17   # padded to the layer's largest rank, not the slots
 
     h2 = load_adapter(copy.deepcopy(base), tmp_path / "a")
     assert h2.config == h.config and torch.equal(h2.ranks, h.ranks) and h2.budget == h.budget
-    assert [l.capacity for l in h2.loras] == [l.capacity for l in h.loras]
+    assert all(torch.equal(a.slot_owner, b.slot_owner) for a, b in zip(h.loras, h2.loras))   # the same slots
     assert torch.equal(h2.importance.sums, h.importance.sums) and torch.equal(h2.importance.counts, h.importance.counts)
     for l, (a, b) in enumerate(zip(h.loras, h2.loras)):
         for t in targets:
@@ -252,9 +252,10 @@ def test_resumed_handle_trains_and_grows(tmp_path):
         loss = h2.model(input_ids=ids, labels=ids).loss
         loss.backward(); opt.step(); opt.zero_grad(); losses.append(loss.item())
     assert losses[-1] < losses[0]
-    h2.grow(1, 5, 8)   # 17 + 8 = 25 > capacity 24: capacity grows again after a load
-    assert h2.loras[1].capacity == 32 and int(h2.ranks[1, 5]) == 25
-    assert h2.loras[0].B["gate_proj"][0, :, 3].abs().sum() > 0 and h2.loras[0].A["up_proj"][3].abs().sum() == 0
+    params = list(h2.parameters())
+    h2.grow(1, 5, 8)   # 17 + 8 = 25, into free slots of the same tensors
+    assert int(h2.ranks[1, 5]) == 25 and all(p is q for p, q in zip(h2.parameters(), params))
+    assert h2.factors(0, 0, "gate_proj")[1][:, 3].abs().sum() > 0 and h2.factors(0, 3, "up_proj")[0].numel() == 0
 
 
 def test_load_errors(tmp_path):
@@ -290,7 +291,7 @@ def test_load_errors(tmp_path):
 # --- damaged adapters ----------------------------------------------------------------------------------------------
 
 def _live(base):
-    "A handle mid-training: its own factors, AdamW state, gradients, importance and capacity 8 (below the adapter's)."
+    "A handle mid-training: its own factors, AdamW state, gradients, importance and slots (not the adapter's)."
     h = epng.attach(copy.deepcopy(base))
     opt = torch.optim.AdamW(h.parameters(), lr=1e-2)
     h.bind_optimizer(opt)
@@ -308,7 +309,7 @@ def _everything(h):
     params = [p for lora in h.loras for p in lora.parameters()]
     opt = h.optimizer
     return {"params": [(id(p), p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in params],
-            "ranks": h.ranks.clone(), "capacity": [lora.capacity for lora in h.loras], "budget": h.budget,
+            "ranks": h.ranks.clone(), "owners": [lora.slot_owner.clone() for lora in h.loras], "budget": h.budget,
             "importance": {k: v.clone() for k, v in h.importance.state_dict().items()},
             "groups": [[id(p) for p in g["params"]] for g in opt.param_groups],
             "state": {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
@@ -342,7 +343,7 @@ def _set_rank(m, t, l, e, r):
 def _nan(t): t["layers.1.gate_proj.A"][2, 0, 0] = math.nan
 def _cut(f): f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
-# The saved adapter: ranks [[8,8,8,0,8,8,10,8], [0,8,8,8,8,17,8,8]] (sum 123), capacity [16, 24], budget 128.
+# The saved adapter: ranks [[8,8,8,0,8,8,10,8], [0,8,8,8,8,17,8,8]] (sum 123), slots [128, 128], budget 128.
 DAMAGE = {
     "nan factor": (dict(tensors=_nan), "layers.1.gate_proj.A holds NaN or infinite values"),
     "inf importance": (dict(tensors=lambda t: t["importance.sums"].__setitem__((0, 1), math.inf)),
@@ -352,16 +353,21 @@ DAMAGE = {
     "rank -3": (dict(meta=lambda m: m["ranks"][0].__setitem__(1, -3)), "expert 1 in MoE layer 0 is -3"),
     "fractional rank": (dict(meta=lambda m: m["ranks"][0].__setitem__(1, 2.5)), "expert 1 in MoE layer 0 is 2.5"),
     "boolean rank": (dict(meta=lambda m: m["ranks"][0].__setitem__(1, True)), "expert 1 in MoE layer 0 is True"),
-    "rank > capacity": (dict(meta=lambda m: m["ranks"][1].__setitem__(5, 30)), "is 30: ranks are whole numbers from 0 to the layer's capacity 24"),
-    "rank > max_rank": (dict(meta=lambda m: m["config"].__setitem__("max_rank", 9)), "is 10: .*and max_rank 9"),
+    "rank > rank limit": (dict(meta=lambda m: m["ranks"][1].__setitem__(5, 40)), "is 40: ranks are whole numbers from 0 to 32"),
+    "rank > max_rank": (dict(meta=lambda m: m["config"].__setitem__("max_rank", 9)), "is 10: ranks are whole numbers from 0 to 9"),
     "rank sum lowered": (dict(meta=lambda m: m["ranks"][0].__setitem__(1, 4)), "add up to 119, but it records a rank sum of 123"),
     "rank sum raised": (dict(meta=lambda m: m["ranks"][1].__setitem__(1, 16)), "add up to 131, but it records a rank sum of 123"),
     "ranks only in the tensor": (dict(tensors=lambda t: t["layers.0.ranks"].__setitem__(1, 4)),
                                  r"layers.0.ranks holds \[8, 4, .*but the JSON gives the ranks \[8, 8,"),
     "edited budget": (dict(meta=lambda m: m.update(budget=512, rank_sum=sum(map(sum, m["ranks"])))),
                       r"budget 512 is not the 128 its config and shapes give \(rank 8 × 2 MoE layers × 8 experts\)"),
-    "capacity 10**9": (dict(meta=lambda m: m["capacity"].__setitem__(1, 10**9)), "capacity must be 2 whole numbers in 1..32"),
-    "capacity as text": (dict(meta=lambda m: m["capacity"].__setitem__(0, "16")), "capacity must be 2 whole numbers"),
+    "slots 10**9": (dict(meta=lambda m: m["slots"].__setitem__(1, 10**9)), "slots must be 2 whole numbers in 1..256"),
+    "slots as text": (dict(meta=lambda m: m["slots"].__setitem__(0, "16")), "slots must be 2 whole numbers"),
+    "layer over its slots": (dict(meta=lambda m: m["slots"].__setitem__(1, 64)), "MoE layer 1's ranks add up to 65, more than its 64 slots"),
+    "slot owners disagree": (dict(tensors=lambda t: t["layers.0.slot_owner"].__setitem__(0, 5)),
+                             "layers.0.slot_owner does not give each expert as many slots as its rank"),
+    "slot owner out of range": (dict(tensors=lambda t: t["layers.1.slot_owner"].__setitem__(127, 99)),
+                                "layers.1.slot_owner does not give each expert"),
     "missing tensor": (dict(tensors=lambda t: t.pop("layers.0.up_proj.B")), r"tensors missing: \['layers.0.up_proj.B'\]"),
     "surprise tensor": (dict(tensors=lambda t: t.update(payload=torch.zeros(3))), r"tensors not expected: \['payload'\]"),
     "wrong shape": (dict(tensors=lambda t: t.update({"layers.0.gate_proj.A": torch.zeros(8, 11, 64)})),
@@ -373,7 +379,7 @@ DAMAGE = {
     "num_experts as text": (dict(meta=lambda m: _set(m, "num_experts", "8")), "num_experts is '8', not a whole number"),
     "unknown config key": (dict(meta=lambda m: m["config"].update(evil=1)), "its config is not a valid EPnGConfig"),
     "bad config value": (dict(meta=lambda m: m["config"].update(lora_alpha="16")), "its config is not a valid EPnGConfig"),
-    "missing field": (dict(meta=lambda m: m.pop("capacity")), "it lacks the field 'capacity'"),
+    "missing field": (dict(meta=lambda m: m.pop("slots")), "it lacks the list 'slots'"),
     "not an adapter": (dict(meta=lambda m: _set(m, "format", "pickle")), "its format is 'pickle', not 'epng-adapter'"),
 }
 RAW_DAMAGE = {   # file-level damage: (file, how, message)
@@ -400,10 +406,24 @@ def saved_adapter(tmp_path_factory):
 def test_the_good_adapter_loads(saved_adapter, tmp_path):
     base, h, folder = saved_adapter
     meta = json.loads((folder / ADAPTER_CONFIG).read_text())
-    assert meta["rank_sum"] == 123 and meta["budget"] == 128 and meta["capacity"] == [16, 24]
+    assert meta["rank_sum"] == 123 and meta["budget"] == 128 and meta["slots"] == [128, 128]
     live = _live(base)
     load_adapter_into(live, _edit(folder, tmp_path / "copy"))
-    assert torch.equal(live.ranks, h.ranks) and [l.capacity for l in live.loras] == [16, 24]
+    assert torch.equal(live.ranks, h.ranks)
+    assert all(torch.equal(a.slot_owner, b.slot_owner) for a, b in zip(live.loras, h.loras))
+
+
+def test_an_adapter_of_format_1_still_loads(saved_adapter, tmp_path):
+    "Format 1 (before fixed-shape slots) gave a padded capacity and no slot owners: loaded expert by expert from slot 0."
+    base, h, folder = saved_adapter
+    def as_format_1(m):
+        m.update(format_version=1, capacity=[16, 24]); m.pop("slots")
+    old = _edit(folder, tmp_path / "old", meta=as_format_1,
+                tensors=lambda t: [t.pop(f"layers.{l}.slot_owner") for l in range(2)])
+    ids = torch.randint(3, 256, (2, 12))
+    h2 = load_adapter(copy.deepcopy(base), old)
+    assert torch.equal(h2.ranks, h.ranks) and h2.loras[1].expert_slots()[1] == list(range(0, 8))
+    assert (_logits(h2.model, ids) - _logits(h.model, ids)).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("case", list(DAMAGE) + list(RAW_DAMAGE))
@@ -453,7 +473,7 @@ def test_a_failure_midway_through_a_restore_is_rolled_back(saved_adapter, monkey
     monkeypatch.setattr(checkpoint, "prune_experts", prune_then_fail)
     with pytest.raises(RuntimeError, match="out of memory"):
         load_adapter_into(live, folder)
-    assert len(calls) == 2 and _same(_everything(live), before)       # layer 0 had been grown and restored
+    assert len(calls) == 2 and _same(_everything(live), before)       # layer 0 had been restored
     assert all(a is b for a, b in zip(opt_params, [p for g in live.optimizer.param_groups for p in g["params"]]))
     assert set(map(id, live.optimizer.state)) == set(map(id, opt_params)) & set(before["state"])
     monkeypatch.undo()
@@ -536,12 +556,13 @@ def test_peft_file_layout(tmp_path):
     R, E, I = 17, 8, 32
     assert lora_a.shape == (E * 2 * R, 64) and lora_b.shape == (2 * I, 2 * R * E)
     a, b = from_peft_layout(lora_a, lora_b, E)
-    lora, s = h.loras[1], h.loras[1].scaling
-    e = 5
-    assert torch.equal(lora_a[e * 2 * R:e * 2 * R + R], lora.A["gate_proj"][e, :R])     # expert-major rows
-    assert torch.equal(lora_b[:I, 0 * E + e], s * lora.B["gate_proj"][e, :, 0])          # column k·E + e
-    assert torch.equal(b[e][:I, :R], s * lora.B["gate_proj"][e, :, :R])
-    assert torch.equal(b[e][I:, R:], s * lora.B["up_proj"][e, :, :R])
+    s = h.loras[1].scaling
+    e = 5                                                                                # rank R = 17
+    (ga, gb), (_, ub) = h.factors(1, e, "gate_proj"), h.factors(1, e, "up_proj")
+    assert torch.equal(lora_a[e * 2 * R:e * 2 * R + R], ga)                             # expert-major rows
+    assert torch.equal(lora_b[:I, 0 * E + e], s * gb[:, 0])                             # column k·E + e
+    assert torch.equal(b[e][:I, :R], s * gb)
+    assert torch.equal(b[e][I:, R:], s * ub)
     assert b[e][:I, R:].abs().sum() == 0 and b[e][I:, :R].abs().sum() == 0              # block-diagonal
     assert a[0].abs().sum() == 0 and b[0].abs().sum() == 0                               # pruned expert (1, 0)
     r8 = int(h.ranks[1, 1])
@@ -567,17 +588,15 @@ def test_merged_model_saves_and_loads_as_plain_transformers(tmp_path, arch):
     torch.testing.assert_close(_logits(loaded, ids), _logits(h.model, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_capacity_reserved_past_the_rank_limit_still_saves_a_loadable_adapter(tmp_path):
-    "The callback reserves max_rank slots for multi-process runs; past what the projections allow it stops at their limit."
-    from epng.loop import reserve_capacity
+def test_slots_past_the_rank_limit_are_capped_and_still_save_a_loadable_adapter(tmp_path):
+    "A layer_capacity asking for more slots than the experts can use stops at E × their rank limit."
     from epng.nano import load_nano
     model, _ = load_nano()
-    handle = epng.attach(copy.deepcopy(model), epng.EPnGConfig(rank=8))
-    reserve_capacity(handle, 10_000)
+    handle = epng.attach(copy.deepcopy(model), epng.EPnGConfig(rank=8, layer_capacity=64))
     limit = min(min(shape) for shape in handle.loras[0].shapes.values())
-    assert handle.loras[0].capacity == limit
+    assert handle.loras[0].num_slots == handle.loras[0].num_experts * limit
     save_adapter(handle, tmp_path / "a")
-    assert load_adapter(copy.deepcopy(model), tmp_path / "a").loras[0].capacity == limit
+    assert load_adapter(copy.deepcopy(model), tmp_path / "a").loras[0].num_slots == handle.loras[0].num_slots
 
 
 def test_an_adapter_read_with_another_importance_is_refused(tmp_path):

@@ -433,7 +433,7 @@ def test_unreadable_model_files_are_named(model_folder, tmp_path, damage, messag
 
 
 def test_an_adapter_whose_ranks_break_the_budget_is_damaged(full_run, tmp_path):
-    "Ranks edited consistently (JSON, rank_sum and tensor agree, every rank within capacity) but no longer at the budget."
+    "Ranks edited consistently (JSON, rank_sum, tensor and slot owners agree) but no longer at the budget."
     out, full = full_run
     folder = tmp_path / "checkpoint-10"
     shutil.copytree(checkpoint_dir(out, 10), folder)
@@ -444,7 +444,9 @@ def test_an_adapter_whose_ranks_break_the_budget_is_damaged(full_run, tmp_path):
     row[e] = 0
     meta["rank_sum"] = sum(map(sum, meta["ranks"]))
     meta_file.write_text(json.dumps(meta))
-    def drop(t): t["layers.0.ranks"][e] = 0
+    def drop(t):
+        t["layers.0.ranks"][e] = 0
+        t["layers.0.slot_owner"][t["layers.0.slot_owner"] == e] = -1
     _edit_tensors(folder / "adapter" / "epng_adapter.safetensors", drop)
     with pytest.raises(T.DamagedCheckpointError, match=f"add up to {meta['rank_sum']}, but epng keeps them at the budget"):
         inspect_checkpoint(folder, full["args"])

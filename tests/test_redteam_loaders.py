@@ -114,18 +114,33 @@ def handle(tiny):
     return epng.attach(tiny(), epng.EPnGConfig(rank=4, warmup_steps=2, cycle_interval=2))
 
 
-def _plant(tmp_path, handle, ranks=None, capacity=None, edit=None) -> Path:
+def _owners_for(handle, ranks):
+    "Slot owners that give each expert as many slots as `ranks` says, expert by expert from slot 0."
+    S = handle.loras[0].num_slots
+    rows = []
+    for row in ranks.long().clamp(min=0):
+        owner = torch.full((S,), -1, dtype=torch.long)
+        owner[:min(int(row.sum()), S)] = torch.arange(len(row)).repeat_interleave(row)[:S]
+        rows.append(owner)
+    return torch.stack(rows)
+
+
+def _plant(tmp_path, handle, ranks=None, slot_owner=None, edit=None) -> Path:
     state = EPnGController(handle, "epng", 10).state_dict()
     if edit: edit(state)
     folder = tmp_path / "checkpoint-5" / EPNG_STATE
     folder.mkdir(parents=True, exist_ok=True)
-    save_state({"controller": state, "ranks": handle.ranks.clone() if ranks is None else ranks,
-                "capacity": handle.loras[0].capacity if capacity is None else capacity}, folder, "state")
+    ranks = handle.ranks.clone() if ranks is None else ranks
+    save_state({"controller": state, "ranks": ranks,
+                "slot_owner": _owners_for(handle, ranks) if slot_owner is None else slot_owner}, folder, "state")
     return folder.parent
 
 
+def _owners(handle): return [lora.slot_owner.clone() for lora in handle.loras]
+
+
 def _unchanged(handle, before):
-    return torch.equal(handle.ranks, before[0]) and [lora.capacity for lora in handle.loras] == before[1]
+    return torch.equal(handle.ranks, before[0]) and all(map(torch.equal, _owners(handle), before[1]))
 
 
 @pytest.mark.parametrize("case, message", [
@@ -139,13 +154,17 @@ def _unchanged(handle, before):
     ("history step", "cycle record 0 has step '2'"),
     ("history tau", "cycle record 0 has tau_g 'x', not a number"),
     ("history ranks", "cycle record 0's ranks is a torch.float32 tensor"),
-    ("history pruned", "cycle record 0's pruned is a list, not a tensor")])
+    ("history pruned", "cycle record 0's pruned is a list, not a tensor"),
+    ("owners disagree", "slot owners do not give each expert as many slots as its rank"),
+    ("owners of another size", "slot owners are not a whole-number tensor of shape")])
 def test_restore_refuses_a_planted_checkpoint_and_changes_nothing(tmp_path, handle, case, message):
     r, imp = handle.ranks, handle.importance
     record = lambda **kw: {"step": 2, "tau_p": float("nan"), "tau_g": 0.1, "importance": torch.rand(r.shape),
                            "pruned": torch.zeros(r.shape, dtype=torch.bool), "added": torch.zeros_like(r),
                            "ranks": r.clone(), **kw}
-    edits = {"sum 3x": dict(ranks=r * 3, capacity=16), "sum 0": dict(ranks=torch.zeros_like(r)),
+    edits = {"sum 3x": dict(ranks=r * 3), "sum 0": dict(ranks=torch.zeros_like(r)),
+             "owners disagree": dict(slot_owner=_owners_for(handle, r).index_fill(1, torch.tensor([0]), 1)),
+             "owners of another size": dict(slot_owner=_owners_for(handle, r)[:, :-8]),
              "negative rank": dict(ranks=torch.where(torch.arange(r.numel()).view(r.shape) == 0, -3, r)),
              "float ranks": dict(ranks=r.float())}
     controller = {"importance nan": lambda s: s["importance"].update(sums=torch.full_like(imp.sums, float("nan"))),
@@ -156,7 +175,7 @@ def test_restore_refuses_a_planted_checkpoint_and_changes_nothing(tmp_path, hand
                   "history ranks": lambda s: s["history"].append(record(ranks=r.float())),
                   "history pruned": lambda s: s["history"].append(record(pruned=[False]))}
     folder = _plant(tmp_path, handle, **edits.get(case, {}), edit=controller.get(case))
-    before = handle.ranks.clone(), [lora.capacity for lora in handle.loras]
+    before = handle.ranks.clone(), _owners(handle)
     with pytest.raises(epng.EPnGError, match=message): EPnGCallback(handle, "epng").restore(str(folder))
     assert _unchanged(handle, before)
 
@@ -166,10 +185,10 @@ def test_restore_accepts_a_genuine_state_and_a_cycle_without_pruning(tmp_path, h
     moved = r.clone(); moved[0, 0] += 4; moved[0, 1] -= 4     # a cycle moved ranks: the sum is the budget still
     nan_tau = {"step": 2, "tau_p": float("nan"), "tau_g": 0.1, "importance": torch.rand(r.shape),
                "pruned": torch.zeros(r.shape, dtype=torch.bool), "added": torch.zeros_like(r), "ranks": moved.clone()}
-    folder = _plant(tmp_path, handle, ranks=moved, capacity=8, edit=lambda s: s["history"].append(nan_tau))
+    folder = _plant(tmp_path, handle, ranks=moved, edit=lambda s: s["history"].append(nan_tau))
     callback = EPnGCallback(handle, "epng")
     assert Path(callback.restore(str(folder))).name == "checkpoint-5"
-    assert torch.equal(handle.ranks, moved) and handle.loras[0].capacity == 8
+    assert torch.equal(handle.ranks, moved) and handle.loras[0].expert_slots()[0] == list(range(8))
     controller = EPnGController(handle, "epng", 10)
     controller.load_state_dict(callback._restored)
     assert len(controller.history) == 1 and controller.history[0].step == 2
@@ -180,11 +199,11 @@ def test_restore_accepts_a_genuine_state_and_a_cycle_without_pruning(tmp_path, h
                                                ("grow_only", 50, False), (None, 1, True)])
 def test_restore_ranks_keeps_each_methods_budget_rule(handle, method, total, ok):
     ranks = torch.zeros_like(handle.ranks).flatten()
-    ranks[: total // 8] = 8; ranks[total // 8] += total % 8          # budget 64 (16 experts × 4), capacity 8
+    ranks[: total // 8] = 8; ranks[total // 8] += total % 8          # budget 64 (16 experts × 4)
     ranks = ranks.view(handle.ranks.shape)
     if ok:
-        restore_ranks(handle, ranks, 8, method)
+        restore_ranks(handle, ranks, _owners_for(handle, ranks), method)
         assert int(handle.ranks.sum()) == total
     else:
         with pytest.raises(epng.EPnGError, match=f"ranks sum to {total}, but a {method} run"):
-            restore_ranks(handle, ranks, 8, method)
+            restore_ranks(handle, ranks, _owners_for(handle, ranks), method)
