@@ -11,7 +11,7 @@ from torch import nn
 from safetensors import SafetensorError, safe_open
 from .moe import EPnGError, MoELayer, find_moe_layers
 from .config import EPnGConfig
-from .lora import ExpertLoRA, round_up
+from .lora import ExpertLoRA, round_up, whole
 from .handle import EPnGHandle, attach
 from .growth import prune_experts
 from .io import JSONFileError, atomic_dir, read_json, write_safetensors
@@ -43,8 +43,8 @@ def padded_factors(lora: ExpertLoRA, target: str, width: int | None = None) -> t
     width = max(map(len, owned)) if width is None else width
     index = torch.tensor([s + [0] * (width - len(s)) for s in owned], dtype=torch.long, device=lora.ranks.device)
     live = live_slots(lora, width)[..., None]
-    a = lora.A[target].detach()[index] * live.to(lora.A[target].dtype)
-    b = lora.B[target].detach()[index] * live.to(lora.B[target].dtype)
+    a = whole(lora.A[target]).detach()[index] * live.to(lora.A[target].dtype)   # all rows, also when sharded
+    b = whole(lora.B[target]).detach()[index] * live.to(lora.B[target].dtype)
     return a, b.transpose(1, 2)
 
 def moe_shapes(layers: list[MoELayer]) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from .moe import EPnGError
-from .lora import ExpertLoRA, kaiming_rows, rank_limit_of
+from .lora import ExpertLoRA, kaiming_rows, rank_limit_of, set_rows, whole
 from .compat import moved_names
 
 # %% auto #0
@@ -30,10 +30,9 @@ def _optimizer_tensors(optimizer, param: nn.Parameter) -> dict:
 @torch.no_grad()
 def zero_slots(lora: ExpertLoRA, slots: list[int], optimizer=None) -> None:
     "Zero the listed slots (rows of every A and B): factors, gradients and optimizer state."
-    index = torch.tensor(slots, dtype=torch.long, device=lora.ranks.device)
     for param in lora.parameters():
         for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()]:
-            if t is not None: t.index_fill_(0, index.to(t.device), 0)
+            if t is not None: set_rows(t, slots)
 
 # %% ../nbs/09_growth.ipynb #4ccbbf56
 def rank_limit(lora: ExpertLoRA) -> int:
@@ -63,13 +62,12 @@ def _take_free_slots(lora: ExpertLoRA, ns: list[int]) -> list[list[int]]:
 @torch.no_grad()
 def _move_slots(lora: ExpertLoRA, src: list[int], dst: list[int], cleared: list[int], optimizer=None) -> None:
     "Rows `src` → `dst` in the factors, their gradients and optimizer state; the rest of `cleared` zeroed."
-    source, target = (torch.tensor(i, dtype=torch.long, device=lora.ranks.device) for i in (src, dst))
     for param in lora.parameters():
         for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()]:
             if t is None: continue
-            rows = t[source.to(t.device)]                                  # read before anything is overwritten
-            t.index_fill_(0, torch.tensor(cleared, dtype=torch.long, device=t.device), 0)
-            t[target.to(t.device)] = rows
+            rows = whole(t)[torch.tensor(src, dtype=torch.long, device=t.device)]   # read before anything is overwritten
+            set_rows(t, cleared)
+            set_rows(t, dst, rows)
 
 @torch.no_grad()
 def grow_experts(lora: ExpertLoRA, experts: list[int], ns: list[int], optimizer=None,
@@ -93,12 +91,12 @@ def grow_experts(lora: ExpertLoRA, experts: list[int], ns: list[int], optimizer=
         for t in lora.shapes:
             drawn[t].append(kaiming_rows(n, lora.A[t].shape[1], device=device, generator=generator))
     existing = torch.tensor([s[:r] + [0] * (old - r) for s, r in zip(together, starts)], device=device)  # (G, old)
-    starts_t, dest = torch.tensor(starts, device=device), torch.tensor(flat, device=device)
+    starts_t = torch.tensor(starts, device=device)
     new_rows = torch.arange(width, device=device) < torch.tensor(ns, device=device)[:, None]   # (G, width)
     for t in lora.shapes:
         new = torch.stack([nn.functional.pad(d, (0, 0, 0, width - d.shape[0])) for d in drawn[t]])  # (G, width, in)
         a = lora.A[t].data
-        a[dest] = project_off_live_rows(a[existing], starts_t, new)[new_rows].to(a.dtype)
+        set_rows(a, flat, project_off_live_rows(whole(a)[existing], starts_t, new)[new_rows])
     lora.slot_owner[torch.tensor([s for slots in together for s in slots], dtype=torch.long, device=device)] = \
         torch.tensor([e for e, slots in zip(experts, together) for _ in slots], device=device)
     lora.ranks[torch.tensor(experts, device=device)] = torch.tensor([r + n for r, n in zip(starts, ns)], device=device)

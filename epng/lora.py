@@ -15,8 +15,8 @@ from .moe import MoELayer, EPnGError
 
 # %% auto #0
 __all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'rank_limit_of', 'layer_slots', 'ExpertLoRA',
-           'expert_offsets', 'SlotGroup', 'SlotLayout', 'AddIntoColumns', 'epng_experts_forward', 'lora_dtype',
-           'install_expert_lora', 'merge_expert_lora', 'block_diagonal']
+           'rows_here', 'whole', 'set_rows', 'expert_offsets', 'SlotGroup', 'SlotLayout', 'AddIntoColumns',
+           'epng_experts_forward', 'lora_dtype', 'install_expert_lora', 'merge_expert_lora', 'block_diagonal']
 
 # %% ../nbs/08_lora.ipynb #e0ea4f78
 def kaiming_rows(*shape: int, dtype=torch.float32, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -91,6 +91,32 @@ class ExpertLoRA(nn.Module):
         return (f"targets={list(self.shapes)}, experts={self.num_experts}, slots={self.num_slots}, "
                 f"scaling={self.scaling}")
 
+# %% ../nbs/08_lora.ipynb #115638c4
+try: from torch.distributed.tensor import DTensor, Shard
+except ImportError: DTensor, Shard = (), None   # a torch built without distributed: nothing is sharded
+
+def rows_here(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    "The rows of `t` this process holds, and the global index of the first: all of `t` and 0 unless it is sharded."
+    if not isinstance(t, DTensor): return t, 0
+    if tuple(t.placements) != (Shard(0),):
+        raise EPnGError(f"epng's factors must be sharded by rows (Shard(0)), not {t.placements}: shard the model with "
+                        "FSDP2's fully_shard.")
+    n, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    return t.to_local(), min(rank * -(-n // world), n)   # FSDP2 gives each process ⌈n / world⌉ rows, the last fewer
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    "Every row of `t`: gathered from all processes when it is sharded."
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+@torch.no_grad()
+def set_rows(t: torch.Tensor, rows: list[int], values: torch.Tensor | None = None) -> None:
+    "Rows `rows` (global indices) of `t` ← `values` (one row each; None: zeros), wherever they are held."
+    local, start = rows_here(t)
+    index = torch.tensor(rows, dtype=torch.long, device=local.device) - start
+    here = (index >= 0) & (index < local.shape[0])
+    if values is None: local.index_fill_(0, index[here], 0)
+    else: local[index[here]] = values.to(local)[here.to(values.device)]
+
 # %% ../nbs/08_lora.ipynb #330e849b
 @patch
 def expert_slots(self: ExpertLoRA) -> list[list[int]]:
@@ -119,15 +145,15 @@ def assign_ranks(self: ExpertLoRA, ranks, slot_owner: torch.Tensor | None = None
                         "or -1 (free), each expert as many slots as its rank.")
     self.slot_owner.copy_(owner)
     self.ranks.copy_(ranks)
-    free = (owner < 0).to(self.slot_owner.device)
-    for p in self.parameters(): p.data[free] = 0
+    free = (owner < 0).nonzero().flatten().tolist()
+    for p in self.parameters(): set_rows(p.data, free)
     self._layout = None
 
 @patch
 def expert_factors(self: ExpertLoRA, target: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
     "One expert's `(A: r × in, B: out × r)` for `target`: the rows of its slots (copies, part of the autograd graph)."
     slots = (self.slot_owner == expert).nonzero().flatten()
-    return self.A[target][slots], self.B[target][slots].T
+    return whole(self.A[target])[slots], whole(self.B[target])[slots].T
 
 # %% ../nbs/08_lora.ipynb #cc604353
 def expert_offsets(sorted_expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import inspect
 from dataclasses import dataclass, field
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, OlmoeConfig, Qwen2MoeConfig
+from transformers import AutoConfig, AutoModelForCausalLM, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 # %% auto #0
 __all__ = ['TARGETS', 'PAPER_MODELS', 'EPnGError', 'NoMoELayerError', 'UnsupportedExpertsError', 'tiny_moe_config', 'MoELayer',
@@ -211,11 +211,17 @@ _KNOWN_CONFIGS = {
         num_experts=60, num_experts_per_tok=4, decoder_sparse_step=1, norm_topk_prob=False,
         max_position_embeddings=8192, rope_theta=1000000.0, tie_word_embeddings=False, bos_token_id=151643,
         eos_token_id=151643, router_aux_loss_coef=0.001),
+    "Qwen/Qwen3-30B-A3B": lambda: Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643,
+        eos_token_id=151645, router_aux_loss_coef=0.001),
 }
-PAPER_MODELS = tuple(_KNOWN_CONFIGS)
+PAPER_MODELS = ("allenai/OLMoE-1B-7B-0125", "Qwen/Qwen1.5-MoE-A2.7B")   # the two the paper fine-tunes
 
 def offline_config(model_id: str):
-    "The transformers config of a model the paper uses, without a hub call."
+    "The transformers config of a model the paper uses (or of Qwen3-30B-A3B), without a hub call."
     if model_id not in _KNOWN_CONFIGS:
         raise EPnGError(f"no offline config for {model_id!r}: known ids are {list(_KNOWN_CONFIGS)}; for other models "
                         "use transformers.AutoConfig.from_pretrained(model_id) on a machine that reaches the hub.")
