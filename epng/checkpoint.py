@@ -11,7 +11,7 @@ from torch import nn
 from safetensors import SafetensorError, safe_open
 from .moe import EPnGError, MoELayer, find_moe_layers
 from .config import EPnGConfig
-from .lora import ExpertLoRA, round_up, whole
+from .lora import ExpertLoRA, round_up, set_rows, whole
 from .handle import EPnGHandle, attach
 from .growth import prune_experts
 from .io import JSONFileError, atomic_dir, read_json, write_safetensors
@@ -19,7 +19,7 @@ from .compat import RENAMED_KNOBS, moved_names, renamed_keywords
 
 # %% auto #0
 __all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'FORMAT_VERSION', 'MAX_ADAPTER_JSON_BYTES', 'live_slots', 'padded_factors',
-           'moe_shapes', 'moe_fingerprint', 'adapter_tensors', 'adapter_metadata', 'save_adapter',
+           'moe_shapes', 'moe_fingerprint', 'adapter_tensors', 'adapter_metadata', 'save_adapter', 'write_adapter',
            'InvalidAdapterError', 'check_adapter_metadata', 'check_adapter_tensors', 'read_adapter',
            'check_adapter_fits', 'check_adapter_config', 'restore_adapter', 'load_adapter', 'load_adapter_into',
            'to_peft_layout', 'from_peft_layout', 'peft_factors', 'peft_lora_config', 'export_peft']
@@ -89,11 +89,14 @@ def save_adapter(handle: EPnGHandle, path, extra: dict | None = None) -> Path:
     "Save `handle`'s adapter (factors, per-expert ranks, importance, metadata) to the folder `path`, atomically."
     if not isinstance(handle, EPnGHandle):
         raise EPnGError(f"save_adapter needs the EPnGHandle that epng.attach returned, got {type(handle).__name__}.")
-    metadata = adapter_metadata(handle, extra)
+    return write_adapter(adapter_tensors(handle), adapter_metadata(handle, extra), path)
+
+def write_adapter(tensors: dict, metadata: dict, path) -> Path:
+    "Write an adapter's `tensors` and `metadata` to the folder `path`, atomically (under FSDP2, gather on every process first)."
     try: json.dumps(metadata)
     except TypeError as e: raise EPnGError(f"extra must hold only JSON values (numbers, strings, lists, dicts): {e}") from e
     with atomic_dir(path) as tmp:
-        write_safetensors(adapter_tensors(handle), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(metadata, indent=2) + "\n")
     return Path(path)
 
@@ -348,11 +351,10 @@ def restore_adapter(handle: EPnGHandle, metadata: dict, tensors: dict) -> EPnGHa
             ranks, owner = tensors[f"layers.{l}.ranks"], tensors.get(f"layers.{l}.slot_owner")
             lora.assign_ranks(ranks, owner if owner is not None and owner.numel() == lora.num_slots else None)
             live = torch.arange(int(ranks.max())) < ranks[:, None]                 # (E, R)
-            dest = torch.tensor([s for slots in lora.expert_slots() for s in slots], dtype=torch.long)  # rank order
+            dest = [s for slots in lora.expert_slots() for s in slots]              # every rank, in rank order
             for target in lora.shapes:
-                a, b = lora.A[target], lora.B[target]
-                a[dest.to(a.device)] = tensors[f"layers.{l}.{target}.A"][live].to(a)
-                b[dest.to(b.device)] = tensors[f"layers.{l}.{target}.B"].transpose(1, 2)[live].to(b)
+                set_rows(lora.A[target].data, dest, tensors[f"layers.{l}.{target}.A"][live])
+                set_rows(lora.B[target].data, dest, tensors[f"layers.{l}.{target}.B"].transpose(1, 2)[live])
         handle.importance.load_state_dict({"sums": tensors["importance.sums"], "counts": tensors["importance.counts"]})
         handle.budget = int(metadata["budget"])
     except BaseException:

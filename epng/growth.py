@@ -59,6 +59,7 @@ def _take_free_slots(lora: ExpertLoRA, ns: list[int]) -> list[list[int]]:
     ends = torch.tensor(ns).cumsum(0).tolist()
     return [free[end - n:end] for n, end in zip(ns, ends)]
 
+# %% ../nbs/09_growth.ipynb #2936d624
 @torch.no_grad()
 def _move_slots(lora: ExpertLoRA, src: list[int], dst: list[int], cleared: list[int], optimizer=None) -> None:
     "Rows `src` → `dst` in the factors, their gradients and optimizer state; the rest of `cleared` zeroed."
@@ -69,6 +70,7 @@ def _move_slots(lora: ExpertLoRA, src: list[int], dst: list[int], cleared: list[
             set_rows(t, cleared)
             set_rows(t, dst, rows)
 
+# %% ../nbs/09_growth.ipynb #d26d6fe1
 @torch.no_grad()
 def grow_experts(lora: ExpertLoRA, experts: list[int], ns: list[int], optimizer=None,
                  generator: torch.Generator | None = None) -> None:

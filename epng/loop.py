@@ -212,6 +212,7 @@ def check_ranks(handle: EPnGHandle, ranks, slot_owner, method: str | None = None
             raise EPnGError("the checkpoint's slot owners do not give each expert as many slots as its rank: the "
                             "checkpoint is damaged; resume from another one.")
 
+# %% ../nbs/11_loop.ipynb #849f29e7
 @torch.no_grad()
 def restore_ranks(handle: EPnGHandle, ranks: torch.Tensor, slot_owner: torch.Tensor, method: str | None = None) -> None:
     "Give `handle` the saved per-expert `ranks` and `slot_owner` after `check_ranks` (factors load separately)."

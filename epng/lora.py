@@ -42,6 +42,7 @@ def layer_slots(config, num_experts: int, limit: int) -> int:
     most = num_experts * min(config.max_rank or limit, limit)
     return max(num_experts * config.rank, min(math.ceil(config.layer_capacity * num_experts * config.rank), most))
 
+# %% ../nbs/08_lora.ipynb #01568718
 class ExpertLoRA(nn.Module):
     "LoRA factors of all experts of one MoE layer in a fixed pool of rank slots; `slot_owner` says whose each slot is."
     def __init__(self, num_experts: int, shapes: dict, rank: int, scaling: float, slots: int | None = None,
@@ -78,18 +79,21 @@ class ExpertLoRA(nn.Module):
         "The adapted targets among gate_proj and up_proj, in gate_up_proj's row order."
         return tuple(t for t in ("gate_proj", "up_proj") if t in self.shapes)
 
-    def output_rows(self, target: str) -> slice:
-        "Where `target`'s outputs sit in its fused weight: gate rows first in `gate_up_proj`, all of `down_proj`."
-        width = self.shapes[target][1]
-        return slice(OUTPUT_BLOCK[target] * width, (OUTPUT_BLOCK[target] + 1) * width)
+# %% ../nbs/08_lora.ipynb #ea2a9425
+@patch
+def output_rows(self: ExpertLoRA, target: str) -> slice:
+    "Where `target`'s outputs sit in its fused weight: gate rows first in `gate_up_proj`, all of `down_proj`."
+    width = self.shapes[target][1]
+    return slice(OUTPUT_BLOCK[target] * width, (OUTPUT_BLOCK[target] + 1) * width)
 
-    def _load_from_state_dict(self, *args, **kwargs):   # load_state_dict may change the owners
-        super()._load_from_state_dict(*args, **kwargs)
-        self._layout = None
+@patch
+def _load_from_state_dict(self: ExpertLoRA, *args, **kwargs):
+    nn.Module._load_from_state_dict(self, *args, **kwargs)
+    self._layout = None
 
-    def extra_repr(self) -> str:
-        return (f"targets={list(self.shapes)}, experts={self.num_experts}, slots={self.num_slots}, "
-                f"scaling={self.scaling}")
+@patch
+def extra_repr(self: ExpertLoRA) -> str:
+    return f"targets={list(self.shapes)}, experts={self.num_experts}, slots={self.num_slots}, scaling={self.scaling}"
 
 # %% ../nbs/08_lora.ipynb #115638c4
 try: from torch.distributed.tensor import DTensor, Shard
@@ -184,6 +188,7 @@ class SlotLayout:
         "One group holds every expert, in order: the rows need no regrouping."
         return len(self.groups) == 1 and len(self.groups[0].experts) == len(self.group_of_expert)
 
+# %% ../nbs/08_lora.ipynb #9f7dda50
 @patch
 def layout(self: ExpertLoRA, device=None) -> SlotLayout:
     "The slot groups (cached until ownership changes)."

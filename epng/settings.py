@@ -89,6 +89,7 @@ class TrainArgs:
     limit: int | None = None             # use only this many rows of the dataset
     bf16: bool | None = None             # load the model in bfloat16 (LoRA factors of bf16 weights stay float32)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower steps
+    fsdp: bool = False                   # with several processes, shard model and factors over them (FSDP2), not copy (DDP)
     seed: int = 0                        # seeds the data order, the factors and the growth; 0 .. 2**32 - 1
     output_dir: str | None = None        # the run's folder; a new outputs/<method>-<YYYYmmdd-HHMMSS> unless given
     overwrite: bool = False              # use a non-empty output_dir anyway, deleting the previous run's files in it
@@ -185,6 +186,7 @@ def _value_checks(args: TrainArgs) -> list[tuple[bool, str]]:
 # %% ../nbs/12_settings.ipynb #26bb9051
 def _run_checks(args: TrainArgs) -> list[tuple[bool, str]]:
     "`(ok, message)` for where the run writes, when it saves, what it resumes and how long it waits."
+    from epng.loop import LORA_METHODS       # here, as in check: this module imports no torch
     latest = newest_run(args.method) if args.resume == "latest" and args.output_dir is None else None
     return [
         (args.output_dir is None or isinstance(args.output_dir, str) and args.output_dir.strip() != "",
@@ -198,4 +200,6 @@ def _run_checks(args: TrainArgs) -> list[tuple[bool, str]]:
          f"{latest or f'outputs/{args.method}-<YYYYmmdd-HHMMSS>'} --resume latest"),
         (_number(args.dist_timeout) and args.dist_timeout > 0,
          f"dist_timeout must be a finite number of seconds > 0, got {args.dist_timeout!r}"),
+        (not args.fsdp or args.method in LORA_METHODS,
+         f"fsdp shards the LoRA methods' factors; {args.method} runs without it (leave --fsdp out)"),
     ]

@@ -27,21 +27,23 @@ from .loop import cycle_steps, check_controller_state, OLD_FORMAT_HINT
 from .io import JSONFileError, load_state, read_json, save_state
 from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning, base_parameter_count
 from .io import atomic_dir, atomic_write_json, remove_stale_temporaries, write_safetensors, is_stale_temporary
-from .checkpoint import save_adapter, read_adapter, load_adapter_into
+from .checkpoint import adapter_metadata, adapter_tensors, write_adapter, read_adapter, load_adapter_into
+from .lora import DTensor, whole
 from .compat import RENAMED_KNOBS, renamed_keywords
 
 # %% auto #0
 __all__ = ['MAX_MODEL_JSON_BYTES', 'EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMABLE_DIFFERENCES',
            'TRAINER_STATE', 'OLD_TRAINER_STATE', 'TUNER_STATE', 'BUDGET_METHODS', 'IMPLEMENTATION_FLAGS', 'RUN_FILES',
            'check_model_files', 'load_model_and_tokenizer', 'embedded_rows', 'make_tuner', 'method_share',
-           'init_processes', 'bounded_wait', 'distributed', 'shared_statistics', 'DamagedCheckpointError',
-           'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint', 'nonfinite',
-           'nonfinite_state', 'save_checkpoint', 'check_resumable', 'saved_settings', 'check_trainer_state',
-           'inspect_checkpoint', 'resume_candidates', 'check_optimizer_state', 'check_scheduler_state', 'apply_changes',
-           'load_checkpoint', 'make_optimizer', 'step_batches', 'to_device', 'default_output_dir', 'claim_new_folder',
-           'previous_run', 'run_folder', 'RunInterrupted', 'StopSignals', 'resume_command', 'check_output_dir',
-           'check_cycles_fit', 'enable_checkpointing', 'preset_line', 'open_run', 'build_tuner', 'resume_into',
-           'loss_tokens', 'step_loss', 'diverged', 'stop_here', 'train', 'save_run']
+           'init_processes', 'bounded_wait', 'distributed', 'shard_model', 'gradient_sync', 'shared_statistics',
+           'DamagedCheckpointError', 'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint',
+           'nonfinite', 'nonfinite_state', 'full_optimizer_state', 'save_checkpoint', 'check_resumable',
+           'saved_settings', 'check_trainer_state', 'inspect_checkpoint', 'resume_candidates', 'check_optimizer_state',
+           'check_scheduler_state', 'apply_changes', 'laid_out', 'load_checkpoint', 'make_optimizer', 'step_batches',
+           'to_device', 'default_output_dir', 'claim_new_folder', 'previous_run', 'run_folder', 'RunInterrupted',
+           'StopSignals', 'resume_command', 'check_output_dir', 'check_cycles_fit', 'enable_checkpointing',
+           'preset_line', 'open_run', 'build_tuner', 'resume_into', 'loss_tokens', 'step_loss', 'diverged', 'stop_here',
+           'train', 'save_run']
 
 # %% ../nbs/13_train.ipynb #9a9413dd
 MAX_MODEL_JSON_BYTES = 256 * 2**20   # a model's largest JSON, tokenizer.json, is tens of MB
@@ -122,10 +124,33 @@ def bounded_wait(timeout: float, world: int):
                         "--dist-timeout if a step legitimately takes longer.") from e
 
 # %% ../nbs/13_train.ipynb #988bf723
-def distributed(model: nn.Module, world: int, device: torch.device) -> nn.Module:
-    "`model` itself in one process; with several, wrapped in `DistributedDataParallel`, which averages the gradients."
-    if world == 1: return model
+def distributed(model: nn.Module, world: int, device: torch.device, sharded: bool = False) -> nn.Module:
+    """`model` itself in one process, or when FSDP2 has sharded it (`shard_model`); with several processes otherwise,
+    wrapped in `DistributedDataParallel`. Either way the processes average their gradients in the backward pass."""
+    if world == 1 or sharded: return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+def shard_model(model: nn.Module) -> None:
+    "FSDP2: every decoder layer (the classes in the model's `_no_split_modules`), then the rest, sharded by rows."
+    from torch.distributed.fsdp import fully_shard
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise EPnGError(f"{type(model).__name__} names no decoder-layer class (_no_split_modules), so it cannot be "
+                        "sharded layer by layer: train it without fsdp.")
+    for layer in layers: fully_shard(layer)
+    fully_shard(model)
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, on: bool):
+    "Inside, the backward pass exchanges gradients between processes only if `on` (accumulating micro-batches skip it)."
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not on:
+        with model.no_sync(): yield
+    elif hasattr(model, "set_requires_gradient_sync"):       # sharded by FSDP2
+        model.set_requires_gradient_sync(on)
+        try: yield
+        finally: model.set_requires_gradient_sync(True)
+    else: yield
 
 @contextlib.contextmanager
 def shared_statistics(tuner):
@@ -174,22 +199,32 @@ def nonfinite(tensors, what: str) -> str | None:
 
 def nonfinite_state(tuner, optimizer) -> str | None:
     "What is not finite in the factors, the optimizer's moments or the importance statistics, else None."
-    params = {f"parameter {i} ({tuple(p.shape)})": p.detach() for i, p in enumerate(tuner.parameters())}
-    moments = {f"{k} of parameter {i}": v for i, p in enumerate(tuner.parameters())
+    params = {f"parameter {i} ({tuple(p.shape)})": whole(p.detach()) for i, p in enumerate(tuner.parameters())}
+    moments = {f"{k} of parameter {i}": whole(v) for i, p in enumerate(tuner.parameters())   # sharded: every process
                for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
     imp = getattr(tuner, "importance", None)
     stats = {} if imp is None else {"sums": imp.sums, "counts": imp.counts}
     return nonfinite(params, "the trainable") or nonfinite(moments, "the optimizer's") or nonfinite(stats, "the importance")
 
+def full_optimizer_state(optimizer) -> dict:
+    "The optimizer's `state_dict()` with every sharded tensor gathered whole (every process must call it)."
+    state = optimizer.state_dict()
+    return {**state, "state": {i: {k: whole(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                               for i, s in state["state"].items()}}
+
 def save_checkpoint(folder, args: TrainArgs, step: int, tuner, optimizer, scheduler, controller, losses: list,
-                    changes: list | None = None) -> Path:
-    "Write everything a resumed run needs into `folder`, atomically; refuses to write a state that is not finite."
+                    changes: list | None = None, write: bool = True) -> Path:
+    """Write everything a resumed run needs into `folder`, atomically; refuses to write a state that is not finite.
+    Every process calls it (sharded tensors are gathered); only the one with `write` writes."""
     if problem := nonfinite_state(tuner, optimizer):
         raise EPnGError(f"{folder} was not written: at step {step} {problem}.")
+    trainable = adapter_tensors(tuner) if args.method in LORA_METHODS else tuner.state_dict()
+    optimizer_state = full_optimizer_state(optimizer)
+    if not write: return Path(folder)
     with atomic_dir(folder) as tmp:
-        if args.method in LORA_METHODS: save_adapter(tuner, tmp / "adapter")
-        else: write_safetensors(tuner.state_dict(), tmp / TUNER_STATE)
-        save_state({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        if args.method in LORA_METHODS: write_adapter(trainable, adapter_metadata(tuner), tmp / "adapter")
+        else: write_safetensors(trainable, tmp / TUNER_STATE)
+        save_state({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "controller": controller.state_dict() if controller else None, "losses": losses,
                     "changes": changes or [], "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
                    tmp, TRAINER_STATE)
@@ -369,6 +404,17 @@ def apply_changes(changes: dict, args: TrainArgs, optimizer, scheduler) -> None:
         for g in optimizer.param_groups: g["initial_lr"], g["lr"] = args.lr, args.lr * factor
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]   # what get_last_lr() reports
 
+# %% ../nbs/13_train.ipynb #25f0e6ad
+def laid_out(state: dict, optimizer) -> dict:
+    "A whole optimizer `state_dict` with each tensor laid out like its parameter: this process's rows when sharded."
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    def place(v, p):
+        if not (torch.is_tensor(v) and isinstance(p, DTensor) and v.dim()): return v
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    return {**state, "state": {i: {k: place(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}}
+
+# %% ../nbs/13_train.ipynb #a1752b79
 def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, controller) -> tuple[int, list, list]:
     """Restore a run into freshly built objects from `checkpoint` (a folder, or what `inspect_checkpoint` returned);
     returns `(step, losses, changes)` with this resume's setting changes appended. `DamagedCheckpointError` names the
@@ -388,7 +434,7 @@ def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, co
                                found["changes"])          # after the adapter: moments have the grown shapes
     except DamagedCheckpointError as e: raise DamagedCheckpointError(f"{where}: {e}") from None
     own = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"]); scheduler.load_state_dict(state["scheduler"])
+    optimizer.load_state_dict(laid_out(state["optimizer"], optimizer)); scheduler.load_state_dict(state["scheduler"])
     for g, flags in zip(optimizer.param_groups, own): g.update(flags)   # fused on this device or not, as built
     if controller: controller.load_state_dict(state["controller"])
     random.setstate(state["rng"]["python"]); torch.set_rng_state(state["rng"]["torch"])
@@ -574,6 +620,7 @@ def build_tuner(model, dataset, run: dict) -> tuple:
     first = step_batches(dataset, args, rank, world, 0)
     scoring = (to_device(b, device) for b, _ in zip(first, range(args.esft_batches)))
     tuner, controller = make_tuner(model, args, scoring)
+    if args.fsdp and world > 1: shard_model(model)       # before the optimizer: FSDP2 replaces the parameters
     if controller: check_cycles_fit(tuner, args)
     optimizer, scheduler = make_optimizer(tuner, args, device)
     if controller: tuner.bind_optimizer(optimizer)
@@ -615,8 +662,8 @@ def step_loss(model, batches, run: dict) -> torch.Tensor:
     total = torch.zeros((), device=device)
     for k, batch in enumerate(micro):
         share = loss_tokens(batch) * world / every.clamp(min=1)    # 1 for one process and one micro-batch
-        last = k == args.grad_accum - 1      # DDP exchanges the gradients once, in the last backward pass
-        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+        last = k == args.grad_accum - 1      # the gradients are exchanged once, in the last backward pass
+        with gradient_sync(model, last):
             loss = model(**batch).loss * share
             loss.backward()                  # DDP averages over processes: Σ token losses ÷ all tokens
         total += loss.detach()
@@ -655,7 +702,7 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
     model, tuner, controller, optimizer, scheduler = (s[k] for k in ("model", "tuner", "controller", "optimizer", "scheduler"))
     losses, changes, last_good = s["losses"], s["changes"], s["last_good"]
     model.train()
-    stepper, trainable = distributed(model, world, device), list(tuner.parameters())   # fixed for the whole run
+    stepper, trainable = distributed(model, world, device, args.fsdp), list(tuner.parameters())   # fixed all run
     batches = step_batches(dataset, args, rank, world, s["start"])
     bar = tqdm(range(s["start"] + 1, args.max_steps + 1), desc=f"{args.method} training", disable=not progress or rank > 0)
     with bounded_wait(args.dist_timeout, world), StopSignals() as stop:
@@ -663,8 +710,8 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
             total = step_loss(stepper, batches, run)
             if not torch.isfinite(total): raise diverged(f"the loss is {total.item()}", step, last_good, args.lr)
             norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-            if not torch.isfinite(norm): raise diverged(f"the gradient norm is {norm.item()} (with a finite loss, "
-                                                        f"{total.item():.4g})", step, last_good, args.lr)
+            if not torch.isfinite(whole(norm)): raise diverged(f"the gradient norm is {whole(norm).item()} (with a "
+                                                               f"finite loss, {total.item():.4g})", step, last_good, args.lr)
             if args.max_grad_norm: torch.nn.utils.clip_grads_with_norm_(trainable, args.max_grad_norm, norm)
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
             if controller: controller.step_end(step, optimizer)
@@ -676,27 +723,29 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
                 raise diverged(problem, step, last_good, args.lr)
             if save:
                 with shared_statistics(tuner):              # every process takes part; process 0 writes
-                    if rank == 0: last_good = save_checkpoint(checkpoint_dir(out, step), args, step, tuner, optimizer,
-                                                              scheduler, controller, losses, changes)
+                    last_good = save_checkpoint(checkpoint_dir(out, step), args, step, tuner, optimizer, scheduler,
+                                                controller, losses, changes, write=rank == 0)
             if signum: stop_here(bar, run, given, step, signum)
         result = dict(args=args, model=model, tokenizer=tokenizer, tuner=tuner, controller=controller, losses=losses,
                       share=method_share(tuner, model), rank=rank, world=world, changes=changes)
         with shared_statistics(tuner):
-            if rank == 0: result.update(save_run(out, args, result, optimizer, scheduler))
+            result.update(save_run(out, args, result, optimizer, scheduler, write=rank == 0))
     return result
 
 # %% ../nbs/13_train.ipynb #bad71595
-def save_run(out: Path, args: TrainArgs, result: dict, optimizer, scheduler) -> dict:
-    "Final checkpoint, adapter, metrics.json and figures in `out`; returns their paths."
+def save_run(out: Path, args: TrainArgs, result: dict, optimizer, scheduler, write: bool = True) -> dict:
+    "Final checkpoint, adapter, metrics.json and figures in `out`; returns their paths. Every process calls it."
     import matplotlib.pyplot as plt
     tuner, controller, losses = result["tuner"], result["controller"], result["losses"]
     final = save_checkpoint(checkpoint_dir(out, args.max_steps), args, args.max_steps, tuner, optimizer, scheduler,
-                            controller, losses, result.get("changes"))
+                            controller, losses, result.get("changes"), write=write)
+    adapter = adapter_tensors(tuner) if args.method in LORA_METHODS else None   # gathered on every process
+    if not write: return {}
     saved = {"checkpoint": final, "figures": out / "figures"}
     if saved["figures"].is_symlink() or os.path.lexists(saved["figures"]) and not saved["figures"].is_dir():
         raise EPnGError(f"{saved['figures']} is a link or a file, not the run's figures folder: nothing is written "
                         f"through it. Move it away and resume (--resume {final}) to draw the figures; the run is saved.")
-    if args.method in LORA_METHODS: saved["adapter"] = save_adapter(tuner, out / "adapter")
+    if adapter is not None: saved["adapter"] = write_adapter(adapter, adapter_metadata(tuner), out / "adapter")
     history = controller.history if controller else []
     with atomic_dir(saved["figures"]) as tmp:               # a fresh folder: a link planted inside is never followed
         fig, ax = plt.subplots(figsize=(6, 3))

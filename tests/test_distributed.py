@@ -1,5 +1,6 @@
 "Two CPU processes: Trainer + EPnGCallback under DistributedDataParallel, and FSDP2 sharding the factors by rows."
-import os, socket, subprocess, sys, textwrap
+import json, os, socket, subprocess, sys, textwrap
+import pytest
 from pathlib import Path
 import torch
 
@@ -124,3 +125,34 @@ def test_the_readme_memory_table_is_what_the_package_computes():
         config = offline_config(ids[name])
         for engine, shown in (("ddp", ddp), ("fsdp2", fsdp)):
             assert f"{memory_per_gpu(config, 8, engine)['total'] / 2**30:.2f}" == shown, (name, engine)
+
+
+def test_epng_train_under_fsdp2_matches_one_process_and_resumes_exactly(tmp_path):
+    "`epng train --fsdp` on two CPU processes: the ranks of one process, and a resume from step 5 replays the run."
+    from safetensors.torch import load_file
+    from epng.train import TrainArgs, train
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    flags = ["train", "--max-steps", "8", "--warmup-steps", "2", "--cycle-interval", "3", "--limit", "32", "--rank", "4",
+             "--batch-size", "2", "--fsdp"]
+    def launch(*extra):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(_free_port()), "-m", "epng.cli", *flags, *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    launch("--save-steps", "5", "--output-dir", str(tmp_path / "run"))
+    launch("--output-dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "run" / "checkpoint-5"))
+    one = train(TrainArgs(max_steps=8, warmup_steps=2, cycle_interval=3, limit=32, rank=4, batch_size=4,
+                          output_dir=str(tmp_path / "one")), progress=False)
+    metrics = {k: json.loads((tmp_path / k / "metrics.json").read_text()) for k in ("run", "resumed", "one")}
+    assert metrics["run"]["ranks"] == metrics["one"]["ranks"] == one["tuner"].ranks.tolist()
+    assert len(metrics["run"]["cycles"]) == 2
+    assert metrics["resumed"]["losses"] == metrics["run"]["losses"]                 # exactly
+    assert metrics["run"]["losses"] == pytest.approx(metrics["one"]["losses"], rel=1e-5)
+    run, resumed, single = (load_file(tmp_path / k / "adapter" / "epng_adapter.safetensors") for k in ("run", "resumed", "one"))
+    for name, t in run.items():
+        if name.startswith("importance."):   # a resumed process restarts from the mean: the same sum, added otherwise
+            torch.testing.assert_close(resumed[name], t, rtol=1e-6, atol=0); continue
+        assert torch.equal(resumed[name], t), name                                  # the resumed run is the run
+        assert (t - single[name]).abs().max() <= 1e-4, name                         # float32 noise, AdamW-grown
+    mean = lambda a: a["importance.sums"] / a["importance.counts"][:, None]         # saved: the mean over processes
+    torch.testing.assert_close(mean(run), mean(single), rtol=1e-5, atol=1e-7)
