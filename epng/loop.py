@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_loop.ipynb #2af18d6a
 from __future__ import annotations
-import warnings
+import os, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 import torch
@@ -25,8 +25,9 @@ from fastcore.basics import patch
 __all__ = ['LORA_METHODS', 'METHODS', 'EPNG_STATE', 'OLD_EPNG_STATE', 'OLD_FORMAT_HINT', 'GROUP_COLORS', 'GROUP_NAMES',
            'check_method', 'is_cycle_step', 'cycle_steps', 'world_size', 'average_over_processes', 'cycle_generator',
            'grow_only_delta', 'CycleRecord', 'check_controller_state', 'EPnGController', 'slot_owners', 'check_ranks',
-           'restore_ranks', 'read_trainer_checkpoint', 'complete_trainer_checkpoint', 'EPnGCallback', 'cycle_tables',
-           'plot_cycle_history', 'importance_groups', 'plot_importance_shift', 'plot_losses']
+           'restore_ranks', 'read_trainer_checkpoint', 'complete_trainer_checkpoint', 'unreachable_state',
+           'EPnGCallback', 'cycle_tables', 'plot_cycle_history', 'importance_groups', 'plot_importance_shift',
+           'plot_losses']
 
 # %% ../nbs/11_loop.ipynb #5c09e663
 LORA_METHODS = ("static", "prune_only", "grow_only", "epng")
@@ -258,6 +259,16 @@ def complete_trainer_checkpoint(path) -> tuple[Path, dict]:
                             f"restore() the output folder {path.parent} and it picks it.") from None
         raise
 
+# %% ../nbs/11_loop.ipynb #d00a1c3a
+def unreachable_state(args) -> str | None:
+    "The engine `args` (TrainingArguments) or `accelerate launch` chose whose optimizer state prune and grow cannot edit."
+    on = lambda name: os.environ.get(name, "").lower() in ("1", "true")     # what `accelerate launch` sets
+    if getattr(args, "deepspeed", None) or on("ACCELERATE_USE_DEEPSPEED"): return "DeepSpeed (ZeRO)"
+    config = getattr(args, "fsdp_config", None) or {}
+    version = config.get("fsdp_version", config.get("version", os.environ.get("FSDP_VERSION", 1)))
+    if (getattr(args, "fsdp", None) or on("ACCELERATE_USE_FSDP")) and str(version) != "2": return "FSDP version 1"
+    return None
+
 # %% ../nbs/11_loop.ipynb #1c174b44
 class EPnGCallback(TrainerCallback):
     "Runs EPnG inside `transformers.Trainer` (and TRL's `SFTTrainer`), editing the Trainer's own optimizer."
@@ -267,6 +278,12 @@ class EPnGCallback(TrainerCallback):
         if distributed_max_rank is not None:
             warnings.warn("EPnGCallback(distributed_max_rank=...) is ignored and goes in the next release: the factors "
                           "have fixed shapes now; set EPnGConfig.max_rank to cap a rank.", DeprecationWarning, stacklevel=2)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        if problem := unreachable_state(args):
+            raise EPnGError(f"EPnGCallback cannot run under {problem}: it keeps each parameter's optimizer state in "
+                            "flattened pieces that prune and grow cannot reach, so pruned ranks would come back. Use "
+                            "DistributedDataParallel (the default) or FSDP2 (fsdp_config={'fsdp_version': 2}).")
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.controller = EPnGController(self.handle, self.method, state.max_steps, seed=self.seed)

@@ -156,3 +156,24 @@ def test_epng_train_under_fsdp2_matches_one_process_and_resumes_exactly(tmp_path
         assert (t - single[name]).abs().max() <= 1e-4, name                         # float32 noise, AdamW-grown
     mean = lambda a: a["importance.sums"] / a["importance.counts"][:, None]         # saved: the mean over processes
     torch.testing.assert_close(mean(run), mean(single), rtol=1e-5, atol=1e-7)
+
+
+def test_the_callback_refuses_engines_whose_optimizer_state_it_cannot_edit(monkeypatch):
+    "DeepSpeed and FSDP version 1 flatten the optimizer state: pruned ranks would come back, so the Trainer is refused."
+    from types import SimpleNamespace as Args
+    import epng
+    from epng.loop import EPnGCallback, unreachable_state
+    from epng.nano import load_nano
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_VERSION"): monkeypatch.delenv(var, raising=False)
+    assert unreachable_state(Args(deepspeed="zero3.json")) == "DeepSpeed (ZeRO)"
+    assert unreachable_state(Args(fsdp=True, fsdp_config={})) == "FSDP version 1"
+    assert unreachable_state(Args(fsdp=True, fsdp_config={"version": 2})) is None
+    assert unreachable_state(Args(fsdp=False, fsdp_config=None, deepspeed=None)) is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")                   # accelerate launch with an FSDP config
+    assert unreachable_state(Args()) == "FSDP version 1"
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert unreachable_state(Args()) is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    callback = EPnGCallback(epng.attach(load_nano()[0]))
+    with pytest.raises(epng.EPnGError, match="cannot run under DeepSpeed"):
+        callback.on_init_end(Args(), None, None)
