@@ -119,7 +119,7 @@ def set_rows(t: torch.Tensor, rows: list[int], values: torch.Tensor | None = Non
     index = torch.tensor(rows, dtype=torch.long, device=local.device) - start
     here = (index >= 0) & (index < local.shape[0])
     if values is None: local.index_fill_(0, index[here], 0)
-    else: local[index[here]] = values.to(local)[here.to(values.device)]
+    else: local[index[here]] = values.to(local)[here]   # `here` lives where `local` does
 
 # %% ../nbs/08_lora.ipynb #330e849b
 @patch
