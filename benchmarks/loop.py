@@ -96,20 +96,20 @@ def hook_time(args, h, model, optimizer, ids, mask, steps: int) -> float:
 @contextmanager
 def phase_timers(h, totals: dict, device: str):
     "Accumulate host time per cycle phase (plan, prune, grow) without changing behaviour."
-    import epng.handle as growth   # the names EPnGHandle.apply calls
+    import epng.handle as handle_module   # the names EPnGHandle.apply calls
     def wrap(fn, key):
         def timed(*a, **k):
             sync(device); t0 = time.perf_counter()
             try: return fn(*a, **k)
             finally: sync(device); totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
         return timed
-    originals = {name: getattr(growth, name) for name in ("prune_experts", "grow_experts")}
+    originals = {name: getattr(handle_module, name) for name in ("prune_experts", "grow_experts")}
     h.plan = wrap(h.plan, "plan")
     for name, key in (("prune_experts", "prune"), ("grow_experts", "grow")):
-        setattr(growth, name, wrap(originals[name], key))
+        setattr(handle_module, name, wrap(originals[name], key))
     try: yield
     finally:
-        for name, fn in originals.items(): setattr(growth, name, fn)
+        for name, fn in originals.items(): setattr(handle_module, name, fn)
         del h.plan
 
 def pct(x: float) -> str: return f"{100 * x:+.2f} %"

@@ -11,7 +11,7 @@ from torch import nn
 from safetensors import SafetensorError, safe_open
 from .moe import EPnGError, MoELayer, find_moe_layers
 from .config import EPnGConfig
-from .lora import ExpertLoRA, round_up, set_rows, whole
+from .lora import ExpertLoRA, owners_agree, round_up, set_rows, whole
 from .handle import EPnGHandle, attach
 from .growth import prune_experts
 from .io import JSONFileError, atomic_dir, read_json, write_safetensors
@@ -230,9 +230,7 @@ def check_adapter_tensors(metadata: dict, tensors: dict, where="the adapter") ->
             if t.tolist() != metadata["ranks"][l]:
                 raise _bad(where, f"{name} holds {t.tolist()}, but the JSON gives the ranks {metadata['ranks'][l]}")
         elif name.endswith(".slot_owner"):
-            l, E = int(name.split(".")[1]), metadata["num_experts"]
-            if bool((t < -1).any() or (t >= E).any()) or \
-                    torch.bincount(t[t >= 0], minlength=E).tolist() != metadata["ranks"][l]:
+            if not owners_agree(t, metadata["ranks"][int(name.split(".")[1])]):
                 raise _bad(where, f"{name} does not give each expert as many slots as its rank (and -1 to free slots)")
         elif not bool(torch.isfinite(t).all()):
             raise _bad(where, f"{name} holds NaN or infinite values")

@@ -16,6 +16,7 @@ from .importance import NonFiniteStatisticsError
 from .gates import label_expert_axes
 from .handle import EPnGHandle
 from .growth import rank_limit
+from .lora import owners_agree
 from .io import StateFileError, atomic_dir, load_state, save_state
 from .compat import moved_names
 from .compat import renamed_arguments
@@ -206,10 +207,8 @@ def check_ranks(handle: EPnGHandle, ranks, slot_owner, method: str | None = None
     if not torch.is_tensor(slot_owner) or slot_owner.dtype != torch.long or tuple(slot_owner.shape) != shape:
         raise EPnGError(f"the checkpoint's slot owners are not a whole-number tensor of shape {shape} (MoE layers × "
                         "slots): it is damaged, or from a run with another layer_capacity; resume with that one.")
-    E = handle.ranks.shape[1]
     for row, owner in zip(ranks, slot_owner):
-        if int(owner.min()) < -1 or int(owner.max()) >= E or \
-                torch.bincount(owner[owner >= 0], minlength=E).tolist() != row.tolist():
+        if not owners_agree(owner, row.tolist()):
             raise EPnGError("the checkpoint's slot owners do not give each expert as many slots as its rank: the "
                             "checkpoint is damaged; resume from another one.")
 

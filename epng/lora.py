@@ -15,8 +15,9 @@ from .moe import MoELayer, EPnGError
 
 # %% auto #0
 __all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'rank_limit_of', 'layer_slots', 'ExpertLoRA',
-           'rows_here', 'whole', 'set_rows', 'expert_offsets', 'SlotGroup', 'SlotLayout', 'AddIntoColumns',
-           'epng_experts_forward', 'lora_dtype', 'install_expert_lora', 'merge_expert_lora', 'block_diagonal']
+           'rows_here', 'whole', 'set_rows', 'owners_agree', 'expert_offsets', 'SlotGroup', 'SlotLayout',
+           'AddIntoColumns', 'epng_experts_forward', 'lora_dtype', 'install_expert_lora', 'merge_expert_lora',
+           'block_diagonal']
 
 # %% ../nbs/08_lora.ipynb #e0ea4f78
 def kaiming_rows(*shape: int, dtype=torch.float32, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -130,6 +131,12 @@ def expert_slots(self: ExpertLoRA) -> list[list[int]]:
         if e >= 0: owned[e].append(s)
     return owned
 
+def owners_agree(slot_owner: torch.Tensor, ranks: list[int]) -> bool:
+    "Does `slot_owner` (-1: free) give expert e exactly ranks[e] slots, and name no expert past the last?"
+    E, owner = len(ranks), torch.as_tensor(slot_owner).cpu()
+    if owner.dim() != 1 or owner.dtype != torch.long or bool((owner < -1).any() or (owner >= E).any()): return False
+    return torch.bincount(owner[owner >= 0], minlength=E).tolist() == list(ranks)
+
 @patch
 @torch.no_grad()
 def assign_ranks(self: ExpertLoRA, ranks, slot_owner: torch.Tensor | None = None) -> None:
@@ -143,8 +150,7 @@ def assign_ranks(self: ExpertLoRA, ranks, slot_owner: torch.Tensor | None = None
         slot_owner = torch.full((self.num_slots,), -1, dtype=torch.long)
         slot_owner[:int(ranks.sum())] = torch.arange(self.num_experts).repeat_interleave(ranks)
     owner = torch.as_tensor(slot_owner, dtype=torch.long).cpu()
-    if tuple(owner.shape) != (self.num_slots,) or int(owner.min()) < -1 or int(owner.max()) >= self.num_experts \
-            or torch.bincount(owner[owner >= 0], minlength=self.num_experts).tolist() != ranks.tolist():
+    if tuple(owner.shape) != (self.num_slots,) or not owners_agree(owner, ranks.tolist()):
         raise EPnGError(f"slot_owner must give each of the {self.num_slots} slots an expert 0..{self.num_experts - 1} "
                         "or -1 (free), each expert as many slots as its rank.")
     self.slot_owner.copy_(owner)
@@ -184,7 +190,7 @@ class SlotLayout:
     device: torch.device
 
     @property
-    def whole(self) -> bool:
+    def one_group(self) -> bool:
         "One group holds every expert, in order: the rows need no regrouping."
         return len(self.groups) == 1 and len(self.groups[0].experts) == len(self.group_of_expert)
 
@@ -215,7 +221,7 @@ def layout(self: ExpertLoRA, device=None) -> SlotLayout:
 def routes(self: ExpertLoRA, expert_ids: torch.Tensor, offsets: torch.Tensor) -> list:
     "Per slot group: `(group, its rows among the expert-sorted rows (None: all), its offsets)`; empty groups left out."
     layout = self.layout(expert_ids.device)
-    if layout.whole: return [(layout.groups[0], None, offsets)]
+    if layout.one_group: return [(layout.groups[0], None, offsets)]
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
     group_of_row = layout.group_of_expert[expert_ids]
     order = torch.argsort(group_of_row, stable=True)
@@ -252,7 +258,7 @@ def _use_grouped_b(self: ExpertLoRA, device: torch.device) -> bool:
 
 @patch
 def _use_per_token_a(self: ExpertLoRA, device: torch.device, columns: int) -> bool:
-    "Project A per token? `per_token_a`, else on GPUs while a group's stacked A has at most 2048 rows (G·n·w)."
+    "Project A per token? `per_token_a`, else on GPUs while a group's per-token product has at most 2048 columns (G·n·w)."
     if self.per_token_a is not None: return self.per_token_a
     return device.type == "cuda" and columns <= 2048
 

@@ -657,11 +657,12 @@ def step_loss(model, batches, run: dict) -> torch.Tensor:
     the whole batch would take it."""
     args, world, device = run["args"], run["world"], run["device"]
     micro = [to_device(next(batches), device) for _ in range(args.grad_accum)]
-    every = sum(loss_tokens(b) for b in micro)
+    tokens = [loss_tokens(b) for b in micro]
+    every = sum(tokens)
     if world > 1: dist.all_reduce(every)
     total = torch.zeros((), device=device)
-    for k, batch in enumerate(micro):
-        share = loss_tokens(batch) * world / every.clamp(min=1)    # 1 for one process and one micro-batch
+    for k, (batch, n) in enumerate(zip(micro, tokens)):
+        share = n * world / every.clamp(min=1)                     # 1 for one process and one micro-batch
         last = k == args.grad_accum - 1      # the gradients are exchanged once, in the last backward pass
         with gradient_sync(model, last):
             loss = model(**batch).loss * share
