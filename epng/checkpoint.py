@@ -319,7 +319,7 @@ def _snapshot(handle: EPnGHandle) -> dict:
     opt, params = handle.optimizer, [p for lora in handle.loras for p in lora.parameters()]
     clone = lambda v: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
     return {"values": [(p, p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in params],
-            "owners": [(lora.slot_owner.clone(), lora.ranks.clone()) for lora in handle.loras],
+            "owners": [lora.slot_owner.clone() for lora in handle.loras],
             "state": None if opt is None else {p: {k: clone(v) for k, v in opt.state[p].items()}
                                                for p in params if p in opt.state},
             "importance": handle.importance.state_dict(), "budget": handle.budget}
@@ -327,8 +327,8 @@ def _snapshot(handle: EPnGHandle) -> dict:
 @torch.no_grad()
 def _roll_back(handle: EPnGHandle, snap: dict) -> None:
     "Put `handle` back exactly as `_snapshot` found it."
-    for lora, (owner, ranks) in zip(handle.loras, snap["owners"]):
-        lora.slot_owner.copy_(owner); lora.ranks.copy_(ranks); lora._layout = None
+    for lora, owner in zip(handle.loras, snap["owners"]):
+        lora.slot_owner.copy_(owner); lora._layout = None
     for p, value, grad in snap["values"]:
         p.data.copy_(value)
         p.grad = grad

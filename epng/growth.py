@@ -42,11 +42,9 @@ def rank_limit(lora: ExpertLoRA) -> int:
 @torch.no_grad()
 def prune_experts(lora: ExpertLoRA, experts: list[int], optimizer=None) -> None:
     "Remove the LoRA of `experts` on every target: their slots zeroed (with gradients and optimizer state) and freed."
-    index = torch.tensor(experts, dtype=torch.long, device=lora.ranks.device)
-    owned = torch.isin(lora.slot_owner, index)
+    owned = torch.isin(lora.slot_owner, torch.tensor(experts, dtype=torch.long, device=lora.slot_owner.device))
     zero_slots(lora, owned.nonzero().flatten().tolist(), optimizer)
-    lora.slot_owner[owned] = -1
-    lora.ranks[index] = 0
+    lora.slot_owner[owned] = -1                                          # their ranks are 0 now
     lora._layout = None
 
 # %% ../nbs/09_growth.ipynb #37048ffd
@@ -87,7 +85,7 @@ def grow_experts(lora: ExpertLoRA, experts: list[int], ns: list[int], optimizer=
     dst = [s for slots, r in zip(together, starts) for s in slots[:r]]
     flat = [s for slots, r in zip(together, starts) for s in slots[r:]]             # where the new ranks go
     _move_slots(lora, src, dst, [s for slots in together for s in slots], optimizer)
-    device, width, old = lora.ranks.device, max(ns), max(max(starts), 1)
+    device, width, old = lora.slot_owner.device, max(ns), max(max(starts), 1)
     drawn = {t: [] for t in lora.shapes}   # expert by expert, target by target: the order a resumed run repeats
     for n in ns:
         for t in lora.shapes:
@@ -100,8 +98,7 @@ def grow_experts(lora: ExpertLoRA, experts: list[int], ns: list[int], optimizer=
         a = lora.A[t].data
         set_rows(a, flat, project_off_live_rows(whole(a)[existing], starts_t, new)[new_rows])
     lora.slot_owner[torch.tensor([s for slots in together for s in slots], dtype=torch.long, device=device)] = \
-        torch.tensor([e for e, slots in zip(experts, together) for _ in slots], device=device)
-    lora.ranks[torch.tensor(experts, device=device)] = torch.tensor([r + n for r, n in zip(starts, ns)], device=device)
+        torch.tensor([e for e, slots in zip(experts, together) for _ in slots], device=device)   # ranks follow
     lora._layout = None
 
 # %% ../nbs/09_growth.ipynb #ecf3bf1a

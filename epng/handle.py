@@ -27,7 +27,7 @@ class EPnGHandle:
                  base_implementation: str | None):
         self.model, self.layers, self.loras, self.config = model, layers, loras, config
         self.base_implementation, self.optimizer = base_implementation, None
-        self.importance = ExpertImportance(len(layers), layers[0].num_experts, device=loras[0].ranks.device)
+        self.importance = ExpertImportance(len(layers), layers[0].num_experts, device=loras[0].slot_owner.device)
         self.collector = GateCollector(model, layers, self.importance.add, importance=config.importance)
         self.budget = int(self.ranks.sum())
 

@@ -57,8 +57,7 @@ class ExpertLoRA(nn.Module):
         self.per_token_a = None  # the fast-path switches (appendix): None = decide by device, True/False = force
         self.grouped_b = None
         self._layout = None      # the slot groups, rebuilt after every change of ownership
-        used = num_experts * rank
-        self.register_buffer("ranks", torch.full((num_experts,), rank, dtype=torch.long, device=device))
+        used, self.num_experts = num_experts * rank, num_experts
         owner = torch.full((slots,), -1, dtype=torch.long, device=device)
         owner[:used] = torch.arange(num_experts, device=device).repeat_interleave(rank)
         self.register_buffer("slot_owner", owner)
@@ -73,7 +72,9 @@ class ExpertLoRA(nn.Module):
     def num_slots(self) -> int: return self.slot_owner.numel()
 
     @property
-    def num_experts(self) -> int: return self.ranks.numel()
+    def ranks(self) -> torch.Tensor:
+        "Each expert's rank: the slots it owns, counted from `slot_owner` (so the two can never disagree)."
+        return torch.bincount(self.slot_owner[self.slot_owner >= 0], minlength=self.num_experts)
 
     @property
     def gate_up_targets(self) -> tuple:
@@ -154,7 +155,6 @@ def assign_ranks(self: ExpertLoRA, ranks, slot_owner: torch.Tensor | None = None
         raise EPnGError(f"slot_owner must give each of the {self.num_slots} slots an expert 0..{self.num_experts - 1} "
                         "or -1 (free), each expert as many slots as its rank.")
     self.slot_owner.copy_(owner)
-    self.ranks.copy_(ranks)
     free = (owner < 0).nonzero().flatten().tolist()
     for p in self.parameters(): set_rows(p.data, free)
     self._layout = None
@@ -198,12 +198,9 @@ class SlotLayout:
 @patch
 def layout(self: ExpertLoRA, device=None) -> SlotLayout:
     "The slot groups (cached until ownership changes)."
-    device = torch.device(device or self.ranks.device)
+    device = torch.device(device or self.slot_owner.device)
     if self._layout is not None and self._layout.device == device: return self._layout
     owned = self.expert_slots()
-    if [len(s) for s in owned] != self.ranks.tolist():
-        raise EPnGError("ranks and slot_owner disagree: change ranks with prune and grow (or assign_ranks), "
-                        "not by writing to ranks.")
     widths = {}
     for e, slots in enumerate(owned):
         if slots: widths.setdefault(round_up(len(slots)), []).append(e)
