@@ -23,7 +23,7 @@ from .data import IGNORE_INDEX, load_rows, SFTDataset, StepBatchSampler, collate
 from .nano import load_nano
 from .samples import nano_task
 from .loop import LORA_METHODS, EPnGController, average_over_processes, plot_cycle_history, plot_losses
-from .loop import cycle_steps, check_controller_state, OLD_FORMAT_HINT
+from .loop import cycle_steps, check_controller_state, OLD_FORMAT_HINT, restore_ranks, slot_owners
 from .io import JSONFileError, load_state, read_json, save_state
 from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning, base_parameter_count
 from .io import atomic_dir, atomic_write_json, remove_stale_temporaries, write_safetensors, is_stale_temporary
@@ -33,17 +33,19 @@ from .compat import RENAMED_KNOBS, renamed_keywords
 
 # %% auto #0
 __all__ = ['MAX_MODEL_JSON_BYTES', 'EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMABLE_DIFFERENCES',
-           'TRAINER_STATE', 'OLD_TRAINER_STATE', 'TUNER_STATE', 'BUDGET_METHODS', 'IMPLEMENTATION_FLAGS', 'RUN_FILES',
-           'check_model_files', 'load_model_and_tokenizer', 'embedded_rows', 'make_tuner', 'method_share',
-           'init_processes', 'bounded_wait', 'distributed', 'shard_model', 'gradient_sync', 'shared_statistics',
-           'DamagedCheckpointError', 'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint',
-           'nonfinite', 'nonfinite_state', 'full_optimizer_state', 'save_checkpoint', 'check_resumable',
-           'saved_settings', 'check_trainer_state', 'inspect_checkpoint', 'resume_candidates', 'check_optimizer_state',
-           'check_scheduler_state', 'apply_changes', 'laid_out', 'load_checkpoint', 'make_optimizer', 'step_batches',
-           'to_device', 'default_output_dir', 'claim_new_folder', 'previous_run', 'run_folder', 'RunInterrupted',
-           'StopSignals', 'resume_command', 'check_output_dir', 'check_cycles_fit', 'enable_checkpointing',
-           'preset_line', 'open_run', 'build_tuner', 'resume_into', 'loss_tokens', 'step_loss', 'diverged', 'stop_here',
-           'train', 'save_run']
+           'TRAINER_STATE', 'OLD_TRAINER_STATE', 'TUNER_STATE', 'SHARDED', 'SLOTS', 'MOMENTS', 'BUDGET_METHODS',
+           'MAX_SHARD_FILES', 'IMPLEMENTATION_FLAGS', 'RUN_FILES', 'check_model_files', 'load_model_and_tokenizer',
+           'embedded_rows', 'make_tuner', 'method_share', 'init_processes', 'bounded_wait', 'distributed',
+           'shard_model', 'gradient_sync', 'shared_statistics', 'DamagedCheckpointError', 'checkpoint_dir',
+           'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint', 'nonfinite', 'nonfinite_state',
+           'full_optimizer_state', 'is_sharded', 'sharded_tensors', 'without_moments', 'shared_atomic_dir',
+           'write_shards', 'save_checkpoint', 'check_resumable', 'saved_settings', 'check_trainer_state', 'tiles',
+           'read_shard_index', 'inspect_shards', 'inspect_checkpoint', 'resume_candidates', 'check_optimizer_state',
+           'check_scheduler_state', 'apply_changes', 'laid_out', 'load_shards', 'restore_slots', 'load_checkpoint',
+           'make_optimizer', 'step_batches', 'to_device', 'default_output_dir', 'claim_new_folder', 'previous_run',
+           'run_folder', 'RunInterrupted', 'StopSignals', 'resume_command', 'check_output_dir', 'check_cycles_fit',
+           'enable_checkpointing', 'preset_line', 'open_run', 'build_tuner', 'resume_into', 'loss_tokens', 'step_loss',
+           'diverged', 'stop_here', 'train', 'save_run']
 
 # %% ../nbs/13_train.ipynb #9a9413dd
 MAX_MODEL_JSON_BYTES = 256 * 2**20   # a model's largest JSON, tokenizer.json, is tens of MB
@@ -198,13 +200,19 @@ def nonfinite(tensors, what: str) -> str | None:
     return None
 
 def nonfinite_state(tuner, optimizer) -> str | None:
-    "What is not finite in the factors, the optimizer's moments or the importance statistics, else None."
-    params = {f"parameter {i} ({tuple(p.shape)})": whole(p.detach()) for i, p in enumerate(tuner.parameters())}
-    moments = {f"{k} of parameter {i}": whole(v) for i, p in enumerate(tuner.parameters())   # sharded: every process
+    """What is not finite in the factors, the optimizer's moments or the importance statistics, else None. Sharded
+    tensors are checked where they are held; every process gets the same answer."""
+    here = lambda t: t.to_local() if isinstance(t, DTensor) else t
+    params = {f"parameter {i} ({tuple(p.shape)})": here(p.detach()) for i, p in enumerate(tuner.parameters())}
+    moments = {f"{k} of parameter {i}": here(v) for i, p in enumerate(tuner.parameters())
                for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
     imp = getattr(tuner, "importance", None)
     stats = {} if imp is None else {"sums": imp.sums, "counts": imp.counts}
-    return nonfinite(params, "the trainable") or nonfinite(moments, "the optimizer's") or nonfinite(stats, "the importance")
+    problem = nonfinite(params, "the trainable") or nonfinite(moments, "the optimizer's") or nonfinite(stats, "the importance")
+    if not is_sharded(tuner): return problem
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, problem)
+    return next((p for p in found if p), None)
 
 def full_optimizer_state(optimizer) -> dict:
     "The optimizer's `state_dict()` with every sharded tensor gathered whole (every process must call it)."
@@ -212,17 +220,58 @@ def full_optimizer_state(optimizer) -> dict:
     return {**state, "state": {i: {k: whole(v) if torch.is_tensor(v) else v for k, v in s.items()}
                                for i, s in state["state"].items()}}
 
+# %% ../nbs/13_train.ipynb #593b940f
+SHARDED, SLOTS, MOMENTS = "sharded", "slots", ("exp_avg", "exp_avg_sq")   # a sharded checkpoint's parts
+
+def is_sharded(tuner) -> bool:
+    "Does FSDP2 hold `tuner`'s parameters by rows (DTensors)? Then its checkpoints keep them by rows too."
+    return any(isinstance(p, DTensor) for p in tuner.parameters())
+
+def sharded_tensors(tuner, optimizer) -> dict:
+    "`{name: tensor}` a sharded checkpoint holds, laid out as in training: every factor pool and its AdamW moments."
+    found = {}
+    for i, p in enumerate(tuner.parameters()):
+        found[f"factor.{i}"] = p.detach()
+        found.update({f"{k}.{i}": v for k, v in optimizer.state.get(p, {}).items() if k in MOMENTS})
+    return found
+
+def without_moments(optimizer) -> dict:
+    "The optimizer's `state_dict()` less the moments, which a sharded checkpoint keeps by rows: step counts, groups."
+    state = optimizer.state_dict()
+    return {**state, "state": {i: {k: v for k, v in s.items() if k not in MOMENTS} for i, s in state["state"].items()}}
+
+@contextlib.contextmanager
+def shared_atomic_dir(folder, write: bool):
+    "`atomic_dir` that every process writes into: the one with `write` makes the temp folder and swaps it in at the end."
+    box = [None]
+    if not write:
+        dist.broadcast_object_list(box, src=0)
+        yield Path(box[0]); return
+    with atomic_dir(folder) as tmp:
+        box[0] = str(tmp); dist.broadcast_object_list(box, src=0)
+        yield tmp
+
+def write_shards(tensors: dict, folder: Path) -> None:
+    "Every process writes its rows of `tensors` to a safetensors file of its own in `folder` (DCP, offsets in the header)."
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+    save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+
+# %% ../nbs/13_train.ipynb #2f6df8de
 def save_checkpoint(folder, args: TrainArgs, step: int, tuner, optimizer, scheduler, controller, losses: list,
                     changes: list | None = None, write: bool = True) -> Path:
     """Write everything a resumed run needs into `folder`, atomically; refuses to write a state that is not finite.
-    Every process calls it (sharded tensors are gathered); only the one with `write` writes."""
+    Every process calls it: sharded, each writes its own rows; otherwise they gather and the one with `write` writes."""
     if problem := nonfinite_state(tuner, optimizer):
         raise EPnGError(f"{folder} was not written: at step {step} {problem}.")
-    trainable = adapter_tensors(tuner) if args.method in LORA_METHODS else tuner.state_dict()
-    optimizer_state = full_optimizer_state(optimizer)
-    if not write: return Path(folder)
-    with atomic_dir(folder) as tmp:
-        if args.method in LORA_METHODS: write_adapter(trainable, adapter_metadata(tuner), tmp / "adapter")
+    lora, sharded = args.method in LORA_METHODS, is_sharded(tuner)
+    if sharded: optimizer_state = without_moments(optimizer)
+    else: optimizer_state, trainable = full_optimizer_state(optimizer), adapter_tensors(tuner) if lora else tuner.state_dict()
+    if not (write or sharded): return Path(folder)
+    with (shared_atomic_dir(folder, write) if sharded else atomic_dir(folder)) as tmp:
+        if sharded: write_shards(sharded_tensors(tuner, optimizer), tmp / SHARDED)
+        if not write: return Path(folder)
+        if sharded: save_state({"ranks": tuner.ranks, "slot_owner": slot_owners(tuner), "budget": tuner.budget}, tmp, SLOTS)
+        elif lora: write_adapter(trainable, adapter_metadata(tuner), tmp / "adapter")
         else: write_safetensors(trainable, tmp / TUNER_STATE)
         save_state({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "controller": controller.state_dict() if controller else None, "losses": losses,
@@ -285,9 +334,58 @@ def check_trainer_state(folder: Path, state, args: TrainArgs) -> None:
                if isinstance(st, dict) for k, v in st.items() if torch.is_tensor(v)}
     if problem := nonfinite(moments, "the optimizer's"): damaged(problem)
 
+# %% ../nbs/13_train.ipynb #6d6e6336
+MAX_SHARD_FILES = 4096   # one file per process that wrote
+
+def tiles(size: tuple, pieces: list) -> bool:
+    "Do the boxes `pieces` [(offsets, sizes)] lie inside a tensor of `size`, apart, and cover it exactly once?"
+    inside = all(len(o) == len(s) == len(size) and all(a >= 0 and b >= 0 and a + b <= n for a, b, n in zip(o, s, size))
+                 for o, s in pieces)
+    apart = all(any(a + s <= b or b + t <= a for a, s, b, t in zip(o1, s1, o2, s2))
+                for (o1, s1), (o2, s2) in itertools.combinations(pieces, 2))
+    return inside and apart and sum(math.prod(s) for _, s in pieces) == math.prod(size)
+
+def read_shard_index(folder: Path) -> dict:
+    "`{name: (shape, dtype)}` of a sharded checkpoint's tensors, from the files' headers, each tiled exactly once."
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
+    if not 0 < (n := len(list(folder.glob("*.safetensors")))) <= MAX_SHARD_FILES:
+        damaged(f"it holds {n} shard files, not one per process that wrote it")
+    try: entries = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        damaged(f"its shard files cannot be read ({type(e).__name__}: {e})")
+    index = {}
+    for name, entry in entries.items():
+        pieces = [(tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks]
+        if not (tiles(tuple(entry.size), pieces) and entry.properties.dtype.is_floating_point):
+            damaged(f"the pieces of {name} in its files do not cover it exactly once: a shard file is missing, "
+                    "damaged or planted")
+        index[name] = (tuple(entry.size), entry.properties.dtype)
+    return index
+
+# %% ../nbs/13_train.ipynb #d5b6146d
+def inspect_shards(folder: Path, state: dict) -> dict:
+    """A sharded checkpoint's slot owners and shard index, checked against its trainer state; the moments there become
+    shape-only stand-ins (meta tensors), so the optimizer's checks below see their shapes before anything is read."""
+    def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
+    try: slots = load_state(folder, SLOTS)
+    except EPnGError as e: damaged(str(e))
+    if not (isinstance(slots, dict) and set(slots) == {"ranks", "slot_owner", "budget"}):
+        damaged(f"{SLOTS}.json does not hold the slot owners of a sharded checkpoint")
+    index, moments = read_shard_index(folder / SHARDED), state["optimizer"]["state"]
+    want = {f"factor.{i}" for i in range(sum(n.startswith("factor.") for n in index))}
+    want |= {f"{k}.{i}" for i in moments for k in MOMENTS}
+    if set(index) != want or not all(isinstance(st, dict) for st in moments.values()):
+        damaged(f"its shards hold other tensors ({', '.join(sorted(set(index) ^ want)[:3])}…) than its trainer state "
+                "describes")
+    for i, st in moments.items():
+        st.update({k: torch.empty(index[f"{k}.{i}"][0], dtype=index[f"{k}.{i}"][1], device="meta") for k in MOMENTS})
+    return {"slots": slots, "shards": index}
+
 # %% ../nbs/13_train.ipynb #cd0c2ab2
 def inspect_checkpoint(folder, args: TrainArgs) -> dict:
-    """Read and validate everything in the checkpoint `folder` that needs no model: `{folder, state, changes, tuner}`.
+    """Read and validate everything in the checkpoint `folder` that needs no model: `{folder, state, changes, tuner}`
+    (and `slots`, `shards` for a sharded one).
     Raises `DamagedCheckpointError` for a broken or old-format folder, `EPnGError` for settings that differ."""
     folder = Path(folder)
     def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
@@ -301,10 +399,14 @@ def inspect_checkpoint(folder, args: TrainArgs) -> dict:
                                          "a checkpoint-N folder that a run wrote.")
     complete(["args.json"])
     changes = saved_settings(folder, args)
-    complete([f"{TRAINER_STATE}.json", f"{TRAINER_STATE}.safetensors", "adapter" if lora else TUNER_STATE])
+    sharded = (folder / SHARDED).exists()
+    if sharded and not lora: damaged(f"it holds {SHARDED}/, which only a LoRA method's run under FSDP2 writes")
+    parts = [f"{SLOTS}.json", f"{SLOTS}.safetensors", SHARDED] if sharded else ["adapter" if lora else TUNER_STATE]
+    complete([f"{TRAINER_STATE}.json", f"{TRAINER_STATE}.safetensors", *parts])
     try: state = load_state(folder, TRAINER_STATE)
     except EPnGError as e: damaged(str(e))
     check_trainer_state(folder, state, args)
+    if sharded: return {"folder": folder, "state": state, "changes": changes, "tuner": None, **inspect_shards(folder, state)}
     try: adapter, tensors = read_adapter(folder / "adapter") if lora else ({}, load_file(folder / TUNER_STATE))
     except (EPnGError, SafetensorError, OSError, ValueError, KeyError) as e:
         damaged(f"its {'adapter' if lora else TUNER_STATE} cannot be read ({type(e).__name__}: {e})")
@@ -409,12 +511,38 @@ def laid_out(state: dict, optimizer) -> dict:
     "A whole optimizer `state_dict` with each tensor laid out like its parameter: this process's rows when sharded."
     params = [p for g in optimizer.param_groups for p in g["params"]]
     def place(v, p):
+        if torch.is_tensor(v) and v.is_meta: return torch.zeros_like(p)     # filled by load_shards
         if not (torch.is_tensor(v) and isinstance(p, DTensor) and v.dim()): return v
         from torch.distributed.tensor import distribute_tensor
         return distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
     return {**state, "state": {i: {k: place(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}}
 
+def load_shards(found: dict, tuner, optimizer) -> None:
+    "Fill the factors and AdamW moments in place from an inspected sharded checkpoint: each process reads its rows."
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
+    folder = found["folder"] / SHARDED
+    def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
+    targets, index = sharded_tensors(tuner, optimizer), found["shards"]
+    if set(targets) != set(index): damaged("its tensors are not this model's factors and their moments")
+    for name, t in targets.items():
+        if (tuple(t.shape), t.dtype) != index[name]:
+            damaged(f"{name} is {index[name]} there, {(tuple(t.shape), t.dtype)} in this run")
+    try:
+        with warnings.catch_warnings():               # one process reading a sharded checkpoint is meant, not a slip
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            load(targets, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
+    except (CheckpointException, SafetensorError, OSError, ValueError, RuntimeError) as e:
+        damaged(f"its rows cannot be read ({type(e).__name__}: {str(e)[:300]})")
+    if problem := nonfinite_state(tuner, optimizer): damaged(problem)
+
 # %% ../nbs/13_train.ipynb #a1752b79
+def restore_slots(handle, slots: dict, method: str) -> None:
+    "Give a fresh handle a sharded checkpoint's ranks and slot owners, after checking them and its budget."
+    if slots["budget"] != handle.budget:
+        raise EPnGError(f"its budget {_short(slots['budget'])} is not this run's ({handle.budget}): it is damaged")
+    restore_ranks(handle, slots["ranks"], slots["slot_owner"], method)
+
 def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, controller) -> tuple[int, list, list]:
     """Restore a run into freshly built objects from `checkpoint` (a folder, or what `inspect_checkpoint` returned);
     returns `(step, losses, changes)` with this resume's setting changes appended. `DamagedCheckpointError` names the
@@ -425,7 +553,10 @@ def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, co
     if controller:                                          # before anything changes: the fresh handle's shapes
         try: check_controller_state(state["controller"], tuner)
         except EPnGError as e: raise DamagedCheckpointError(f"{where}: {e}") from None
-    if args.method in LORA_METHODS: load_adapter_into(tuner, folder / "adapter")
+    if found.get("slots") is not None:
+        try: restore_slots(tuner, found["slots"], args.method)
+        except EPnGError as e: raise DamagedCheckpointError(f"{folder / SLOTS}.json: {e}") from None
+    elif args.method in LORA_METHODS: load_adapter_into(tuner, folder / "adapter")
     else:
         try: tuner.load_state_dict(found["tuner"])
         except (RuntimeError, KeyError) as e:
@@ -436,6 +567,7 @@ def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, co
     own = [{k: g[k] for k in IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(laid_out(state["optimizer"], optimizer)); scheduler.load_state_dict(state["scheduler"])
     for g, flags in zip(optimizer.param_groups, own): g.update(flags)   # fused on this device or not, as built
+    if found.get("shards") is not None: load_shards(found, tuner, optimizer)
     if controller: controller.load_state_dict(state["controller"])
     random.setstate(state["rng"]["python"]); torch.set_rng_state(state["rng"]["torch"])
     changes = list(state["changes"])
