@@ -106,7 +106,8 @@ def routing_stats(logits: torch.Tensor, weights: torch.Tensor | None, index: tor
         raise EPnGError(f"importance={importance!r} needs the experts the router chose, but this router returns only "
                         "logits: use importance='gate'.")
     index = index.detach().long()
-    if importance == "selection": share = torch.full(index.shape, 1.0 / index.shape[1], device=index.device)
+    chosen = weights.detach() > 0 if weights is not None else torch.ones(index.shape, dtype=torch.bool, device=index.device)
+    if importance == "selection": share = chosen.float() / index.shape[1]
     else:
         w = weights.detach().float()
         share = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
@@ -154,11 +155,15 @@ def _router_hook(self: GateCollector, layer: MoELayer):
     def hook(module, args, output):
         if not self.enabled or (self.training_only and not module.training) or _in_backward(): return
         logits, weights, index = router_outputs(output)
+        if logits.shape[-1] < layer.num_experts:
+            raise EPnGError(f"the router of MoE layer {layer.index} ({type(module).__name__}) returned {logits.shape[-1]} "
+                            f"scores per token for {layer.num_experts} experts: epng cannot read it.")
         importance, score_fn = self._reading(layer, logits, weights, index)
         self.kinds[layer.index] = score_fn
         mask = token_mask(self._mask, logits.shape[0])
-        self.sink(layer.index, *routing_stats(logits, weights, index, mask, importance,
-                                              "softmax" if score_fn in ("hash", "unknown") else score_fn))
+        sums, count = routing_stats(logits, weights, index, mask, importance,
+                                    "softmax" if score_fn in ("hash", "unknown") else score_fn)
+        self.sink(layer.index, sums[:layer.num_experts], count)
     return hook
 
 # %% ../nbs/04_gates.ipynb #29c7f48d

@@ -136,13 +136,15 @@ def _find_router(block: nn.Module, experts: nn.Module, num_experts: int, hidden:
     nested.sort(key=lambda nc: not any(w in nc[0] for w in ("router", "gate")))  # a decoder-layer block has attention too
     if own or nested: return (own or [c for _, c in nested])[0]
     named = [(n, c) for n, c in children if any(w in n for w in ("router", "gate")) and "shared" not in n]
+    declared = [c for _, c in named if num_experts in (getattr(c, "num_experts", None), getattr(c, "n_routed_experts", None))]
+    if declared: return declared[0]   # scores more than the routed experts (a shared or null one): its first E are read
     if named:   # a router is there, of another kind: say what it holds rather than that it is missing
         n, c = named[0]
         shapes = ", ".join(str(tuple(p.shape)) for p in c.parameters() if p.dim() == 2)
         raise UnsupportedExpertsError(f"{name}.{n} ({type(c).__name__}) routes its {num_experts} experts with weights "
-                                      f"{shapes or 'of no 2-D shape'}, not one ({num_experts}, {hidden}) row per expert "
-                                      "(it scores a shared expert too, or is a network of its own): epng reads each "
-                                      "expert's gate probability from such a row, so it does not adapt this router.")
+                                      f"{shapes or 'of no 2-D shape'}, not one ({num_experts}, {hidden}) row per expert, "
+                                      "and does not say how many experts it routes (num_experts): epng cannot tell "
+                                      "which of its scores are the experts', so it does not adapt this router.")
     raise UnsupportedExpertsError(f"{name} has fused experts but no child holding a ({num_experts}, {hidden}) router "
                                   "weight, itself or in a part of its own: epng reads gate probabilities from that "
                                   "router, so it cannot adapt a block whose router lives elsewhere.")

@@ -201,8 +201,9 @@ def learned_looking(model, layers, seed: int = 0) -> None:
         for layer in layers:
             E, H = layer.num_experts, layer.hidden_size
             for m in layer.router.modules():
-                if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.shape == (E, H):
-                    m.weight.copy_(0.15 * torch.randn(E, H, generator=g))
+                w = getattr(m, "weight", None)   # (E, H), or a row more for a shared or null expert (Inkling, Zaya)
+                if isinstance(w, torch.Tensor) and w.dim() == 2 and E <= w.shape[0] <= E + 1 and m is not layer.experts:
+                    w.copy_(0.15 * torch.randn(w.shape, generator=g))
             for name, t in [*layer.block.named_buffers(), *layer.block.named_parameters()]:
                 if "bias" in name and t.numel() == E and t.shape[-1] == E and not name.startswith(("experts", "shared")):
                     t.copy_(0.3 * torch.randn(t.shape, generator=g))   # (E,), or (1, E) as Ernie 4.5 keeps it
@@ -237,12 +238,11 @@ def reference_reading(outputs, kind: str, importance: str, num_experts: int) -> 
     index = torch.cat([o[2] for o in outputs]).long()
     if importance == "gate" and kind not in ("hash", "none"):
         s = REFERENCE_SCORES[kind.split()[0]](logits)
-        return (s / s.sum(-1, keepdim=True)).mean(0)
-    if importance == "weight":
-        w = torch.cat([o[1] for o in outputs]).double()
-        share = w / w.sum(-1, keepdim=True)
-    else: share = torch.full(index.shape, 1 / index.shape[1], dtype=torch.double)
-    return torch.zeros(len(logits), num_experts, dtype=torch.double).scatter_add_(1, index, share).mean(0)
+        return (s / s.sum(-1, keepdim=True)).mean(0)[:num_experts]   # scores past E: a shared or null expert's
+    w = torch.cat([o[1] for o in outputs]).double()
+    if importance == "weight": share = w / w.sum(-1, keepdim=True)
+    else: share = (w != 0).double() / index.shape[1]                  # a pick with weight 0 is a masked null expert
+    return torch.zeros(len(logits), logits.shape[1], dtype=torch.double).scatter_add_(1, index, share).mean(0)[:num_experts]
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     "Spearman's rank correlation (tied values share their mean rank); 1 when both are constant and equal."

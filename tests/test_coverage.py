@@ -19,10 +19,10 @@ def coverage():
 
 # one family per router kind and layout: the score function of each MoE layer, read from transformers' modeling code
 ATTACHED = {"olmoe": "softmax", "deepseek_v3": "sigmoid", "deepseek_v4": "hash, sqrtsoftplus",
-            "gemma4_text": "probabilities"}
-BIASED = {"deepseek_v3", "deepseek_v4"}    # a correction bias (and for V3 expert groups) steers the choice
-REFUSED = {"gpt_oss": ("interleaved", "transposed", "expert biases"),   # the layout, named
-           "inkling_text": ("InklingTopkRouter", "(9, 64)", "not one (8, 64) row per expert")}   # the router, as it is
+            "gemma4_text": "probabilities",
+            "inkling_text": "sigmoid", "zaya": "softmax"}   # routers that score a shared / null expert besides the E
+BIASED = {"deepseek_v3", "deepseek_v4", "inkling_text", "zaya"}    # a correction bias (and for V3 expert groups) steers the choice
+REFUSED = {"gpt_oss": ("interleaved", "transposed", "expert biases")}   # the layout, named
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_the_table_says_what_was_run(subset):
     import torch, transformers
     assert f"transformers {transformers.__version__}, torch {torch.__version__}" in text
     assert "--families " + " ".join([*ATTACHED, *REFUSED]) in text
-    assert "4 of 6 families attach; refused: 2;" in text and "Importance NOT faithful to the router: none." in text
+    assert "6 of 7 families attach; refused: 1;" in text and "Importance NOT faithful to the router: none." in text
     assert all(text.count(f"| {family} |") == 1 for family in [*ATTACHED, *REFUSED])
 
 
