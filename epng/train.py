@@ -36,16 +36,16 @@ __all__ = ['MAX_MODEL_JSON_BYTES', 'EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_P
            'TRAINER_STATE', 'OLD_TRAINER_STATE', 'TUNER_STATE', 'SHARDED', 'SLOTS', 'MOMENTS', 'BUDGET_METHODS',
            'MAX_SHARD_FILES', 'IMPLEMENTATION_FLAGS', 'RUN_FILES', 'check_model_files', 'load_model_and_tokenizer',
            'embedded_rows', 'make_tuner', 'method_share', 'init_processes', 'bounded_wait', 'distributed',
-           'shard_model', 'gradient_sync', 'shared_statistics', 'DamagedCheckpointError', 'checkpoint_dir',
-           'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint', 'nonfinite', 'nonfinite_state',
-           'full_optimizer_state', 'is_sharded', 'sharded_tensors', 'without_moments', 'shared_atomic_dir',
-           'write_shards', 'save_checkpoint', 'check_resumable', 'saved_settings', 'check_trainer_state', 'tiles',
-           'read_shard_index', 'inspect_shards', 'inspect_checkpoint', 'resume_candidates', 'check_optimizer_state',
-           'check_scheduler_state', 'apply_changes', 'laid_out', 'load_shards', 'restore_slots', 'load_checkpoint',
-           'make_optimizer', 'step_batches', 'to_device', 'default_output_dir', 'claim_new_folder', 'previous_run',
-           'run_folder', 'RunInterrupted', 'StopSignals', 'resume_command', 'check_output_dir', 'check_cycles_fit',
-           'enable_checkpointing', 'preset_line', 'open_run', 'build_tuner', 'resume_into', 'loss_tokens', 'step_loss',
-           'diverged', 'stop_here', 'train', 'save_run']
+           'shard_model', 'gradient_sync', 'shared_statistics', 'launcher_engine', 'DamagedCheckpointError',
+           'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint', 'nonfinite',
+           'nonfinite_state', 'full_optimizer_state', 'is_sharded', 'sharded_tensors', 'without_moments',
+           'shared_atomic_dir', 'write_shards', 'save_checkpoint', 'check_resumable', 'saved_settings',
+           'check_trainer_state', 'tiles', 'read_shard_index', 'inspect_shards', 'inspect_checkpoint',
+           'resume_candidates', 'check_optimizer_state', 'check_scheduler_state', 'apply_changes', 'laid_out',
+           'load_shards', 'restore_slots', 'load_checkpoint', 'make_optimizer', 'step_batches', 'to_device',
+           'default_output_dir', 'claim_new_folder', 'previous_run', 'run_folder', 'RunInterrupted', 'StopSignals',
+           'resume_command', 'check_output_dir', 'check_cycles_fit', 'enable_checkpointing', 'preset_line', 'open_run',
+           'build_tuner', 'resume_into', 'loss_tokens', 'step_loss', 'diverged', 'stop_here', 'train', 'save_run']
 
 # %% ../nbs/13_train.ipynb #9a9413dd
 MAX_MODEL_JSON_BYTES = 256 * 2**20   # a model's largest JSON, tokenizer.json, is tens of MB
@@ -164,6 +164,21 @@ def shared_statistics(tuner):
     average_over_processes(imp)
     try: yield
     finally: imp.sums.copy_(own[0]); imp.counts.copy_(own[1])
+
+# %% ../nbs/13_train.ipynb #a3532468
+def launcher_engine(args: TrainArgs) -> TrainArgs:
+    "`args` with the engine `accelerate launch` was configured for: FSDP2 turns `fsdp` on; FSDP 1 and DeepSpeed are refused."
+    on = lambda name: os.environ.get(name, "").lower() in ("1", "true")
+    if on("ACCELERATE_USE_DEEPSPEED"):
+        raise EPnGError("epng train does not run under DeepSpeed (accelerate launch --use_deepspeed): its ZeRO keeps "
+                        "the optimizer state flattened, out of reach of prune and grow. Launch without it (each process "
+                        "a copy, DDP) or with --use_fsdp --fsdp_version 2 (sharded).")
+    if on("ACCELERATE_USE_FSDP"):
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise EPnGError("epng train shards with FSDP version 2 only (version 1 flattens the optimizer state): "
+                            "launch with accelerate's --fsdp_version 2, or without --use_fsdp.")
+        return dataclasses.replace(args, fsdp=True)
+    return args
 
 # %% ../nbs/13_train.ipynb #51f9613d
 OPTIMIZER_SETTINGS = ("lr", "max_grad_norm", "weight_decay")                   # may change on resume, recorded
@@ -730,7 +745,7 @@ def preset_line(given: TrainArgs, args: TrainArgs) -> str:
 # %% ../nbs/13_train.ipynb #0c735fd2
 def open_run(given: TrainArgs, progress: bool = True) -> dict:
     "Settings resolved, processes joined, the output folder checked and cleaned, the checkpoint to resume from found."
-    args = given.resolved()
+    args = launcher_engine(given).resolved()
     rank, world, device = init_processes(args.dist_timeout)
     args = run_folder(args, rank, world, device)
     out = Path(args.output_dir)

@@ -120,3 +120,16 @@ def test_slot_owners_that_do_not_fit_are_refused(run, tmp_path):
     owner = slots["slot_owner"].clone(); owner[0, owner[0] >= 0] = 0      # every live slot of layer 0 to expert 0
     save_state({**slots, "slot_owner": owner}, ck, "slots")
     with pytest.raises(DamagedCheckpointError, match="slot owners"): train(_args(tmp_path, ck), progress=False)
+
+
+def test_accelerate_launch_with_fsdp2_shards(tmp_path):
+    "`accelerate launch --use_fsdp --fsdp_version 2` alone (no --fsdp) makes epng train shard: its checkpoint is by rows."
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines",
+                           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                           str(_free_port()), "--use_fsdp", "--fsdp_version", "2", "-m", "epng.cli", "train",
+                           "--max-steps", "2", "--limit", "8", "--rank", "4", "--batch-size", "2", "--save-steps", "1",
+                           "--output-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "checkpoint-1" / "args.json").read_text())["fsdp"] is True
+    assert len(list((tmp_path / "run" / "checkpoint-1" / "sharded").glob("*.safetensors"))) == 2
