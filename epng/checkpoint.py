@@ -179,10 +179,10 @@ def _check_budget(metadata: dict, config: EPnGConfig, where) -> None:
                                   f"to {top} (the experts' rank limit, max_rank, and a format 1 file's capacity)")
         if field == "slots" and sum(row) > sizes_[l]:
             raise _bad(where, f"MoE layer {l}'s ranks add up to {sum(row)}, more than its {sizes_[l]} slots")
-    implied = config.rank * L * E
-    if metadata["budget"] != implied:
-        raise _bad(where, f"its budget {metadata['budget']} is not the {implied} its config and shapes give "
-                          f"(rank {config.rank} × {L} MoE layers × {E} experts)")
+    most = config.rank * L * E        # rank r0 on every expert; MoE-Sieve starts on a quarter of them
+    if not (_is_int(metadata["budget"]) and 1 <= metadata["budget"] <= most):
+        raise _bad(where, f"its budget {metadata['budget']!r} is not a whole number in 1..{most}, the most its config "
+                          f"and shapes give (rank {config.rank} × {L} MoE layers × {E} experts)")
     rank_sum, recorded = sum(map(sum, ranks)), metadata.get("rank_sum", metadata["budget"])
     if rank_sum != recorded:
         raise _bad(where, f"its ranks add up to {rank_sum}, but it records a rank sum of {recorded!r} "

@@ -360,7 +360,7 @@ DAMAGE = {
     "ranks only in the tensor": (dict(tensors=lambda t: t["layers.0.ranks"].__setitem__(1, 4)),
                                  r"layers.0.ranks holds \[8, 4, .*but the JSON gives the ranks \[8, 8,"),
     "edited budget": (dict(meta=lambda m: m.update(budget=512, rank_sum=sum(map(sum, m["ranks"])))),
-                      r"budget 512 is not the 128 its config and shapes give \(rank 8 × 2 MoE layers × 8 experts\)"),
+                      r"budget 512 is not a whole number in 1..128, the most its config and shapes give \(rank 8 × 2 MoE layers × 8 experts\)"),
     "slots 10**9": (dict(meta=lambda m: m["slots"].__setitem__(1, 10**9)), "slots must be 2 whole numbers in 1..256"),
     "slots as text": (dict(meta=lambda m: m["slots"].__setitem__(0, "16")), "slots must be 2 whole numbers"),
     "layer over its slots": (dict(meta=lambda m: m["slots"].__setitem__(1, 64)), "MoE layer 1's ranks add up to 65, more than its 64 slots"),
