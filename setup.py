@@ -41,7 +41,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['epng', 'epng.*']),
     include_package_data=True,
-    package_data={'epng': ['fixtures/*', 'nano_model/*']},
+    package_data={'epng': ['fixtures/*', 'nano_model/*', 'nano_dense/*']},
     install_requires=requirements,
     extras_require={'dev': dev_requirements, 'eval': eval_requirements, 'notebooks': notebooks_requirements},
     dependency_links=cfg.get('dep_links', '').split(),

@@ -55,7 +55,8 @@ def test_sdist_carries_what_setup_and_the_package_read(sdist):
     names, _ = sdist
     # setup.py reads settings.ini and README.md; epng loads the fixtures and the nano model at run time
     for needed in ["settings.ini", "README.md", "LICENSE", "setup.py", "epng/nano_model/model.safetensors",
-                   "epng/nano_model/tokenizer.json", "epng/fixtures/metamathqa_sample.jsonl"]:
+                   "epng/nano_model/tokenizer.json", "epng/nano_dense/model.safetensors",
+                   "epng/fixtures/metamathqa_sample.jsonl"]:
         assert needed in names, f"the sdist lacks {needed}: add it to MANIFEST.in"
     license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text

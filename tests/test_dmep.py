@@ -1,0 +1,285 @@
+"DMEP (notebook 11c): LoRA-MoE on the nano dense model, exact removal of unused experts, optimizer slicing, save/load, schedule."
+import json, shutil
+import pytest
+import torch
+from torch import nn
+from epng.moe import EPnGError
+from epng.baselines import base_parameter_count
+from epng.checkpoint import InvalidAdapterError
+from epng.data import SFTDataset, make_batches
+from epng.samples import nano_task
+from epng.dmep import (DMEP_AUX_COEF, DMEP_CONFIG, DMEP_TARGETS, DMEP_WEIGHTS, DMEPController, DMEPLinear, attach_dmep,
+                       experts_to_keep, load_dmep, load_nano_dense, nano_dense_config, nano_dense_path, read_dmep, save_dmep)
+
+IDS = torch.tensor([[1] + [5 + 7 * i % 250 for i in range(15)]])
+
+
+@pytest.fixture
+def dense():
+    torch.manual_seed(0)
+    return load_nano_dense()[0]
+
+
+def _randomise(handle, std=0.05):
+    "Non-zero B (and random A, router) so every selected expert moves the output."
+    with torch.no_grad():
+        for p in handle.parameters(): p.normal_(0, std)
+
+
+def _logits(model, ids=IDS, impl="fast"):
+    DMEPLinear.impl = impl
+    try:
+        with torch.no_grad(): return model(input_ids=ids).logits
+    finally: DMEPLinear.impl = "fast"
+
+
+def test_nano_dense_is_shipped_small_and_loads():
+    folder = nano_dense_path()
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 5 * 2**20
+    record = json.loads((folder / "pretraining.json").read_text())
+    assert sum(record["losses"][-20:]) / 20 < 0.5 * record["losses"][0]
+    model, tok = load_nano_dense()
+    assert model.config.model_type == "qwen3" and model.config.vocab_size == len(tok) == 259
+    assert model.config.to_dict()["hidden_size"] == nano_dense_config().hidden_size
+    with pytest.raises(EPnGError, match="pretrain_nano_dense"): load_nano_dense("/nonexistent/folder")
+
+
+def test_trainable_share_counts_only_the_base_model(dense):
+    base = sum(p.numel() for p in dense.parameters())
+    handle = attach_dmep(dense)
+    assert len(handle.modules) == len(DMEP_TARGETS) * dense.config.num_hidden_layers
+    assert base_parameter_count(dense) == base
+    per_module = [8 * (8 * (m.base.in_features + m.base.out_features) + m.base.in_features) for m in handle.modules.values()]
+    assert handle.num_trainable() == sum(per_module)
+    assert {id(p) for p in dense.parameters() if p.requires_grad} == {id(p) for p in handle.parameters()}
+    assert 0 < handle.num_trainable() / base_parameter_count(dense) < 1
+
+
+def test_fresh_adapter_is_the_base_model_and_loop_equals_dense(dense):
+    want = _logits(dense)
+    handle = attach_dmep(dense)
+    dense.eval()
+    assert torch.equal(_logits(dense), want)            # B = 0
+    _randomise(handle)
+    torch.testing.assert_close(_logits(dense, impl="loop"), _logits(dense), rtol=1e-5, atol=1e-5)
+
+
+def test_balance_loss_matches_an_independent_computation():
+    torch.manual_seed(0)
+    layer = DMEPLinear(nn.Linear(10, 4), n_experts=6, rank=3, top_k=2)
+    x = torch.randn(2, 7, 10)
+    layer(x)
+    logits = x.reshape(-1, 10) @ layer.epng_router.detach().T
+    idx = logits.topk(2, -1).indices
+    f = torch.bincount(idx.flatten(), minlength=6).float() / idx.numel()
+    want = 6 * (f * logits.softmax(-1).mean(0)).sum()
+    torch.testing.assert_close(layer.aux.detach(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(layer.epng_counts, torch.bincount(idx.flatten(), minlength=6).double())
+
+
+def test_padding_is_not_counted(dense):
+    handle = attach_dmep(dense)
+    _randomise(handle)
+    dense.train()
+    with torch.no_grad(): dense(input_ids=IDS[:, :10])
+    plain = handle.counts()
+    handle.reset_counts(); handle.balance_loss()
+    padded = torch.cat([IDS[:, :10], torch.zeros(1, 6, dtype=torch.long)], 1)
+    with torch.no_grad(): dense(input_ids=padded, attention_mask=(padded != 0).long())
+    assert torch.equal(handle.counts(), plain)
+    assert handle.context.mask is None                  # the mask is forgotten after the call
+
+
+def test_removing_never_picked_experts_changes_nothing_and_slices_adamw(dense):
+    handle = attach_dmep(dense)
+    _randomise(handle)
+    opt = torch.optim.AdamW(handle.parameters(), lr=1e-3)
+    dense.train()
+    dense(input_ids=IDS).logits.sum().backward(); opt.step(); opt.zero_grad()
+    handle.reset_counts()
+    with torch.no_grad(): dense(input_ids=IDS)
+    handle.balance_loss()
+    dense.eval()
+    before = {impl: _logits(dense, impl=impl) for impl in ("loop", "fast")}
+    zero = handle.counts() == 0
+    assert zero.any()
+    old = {n: {k: getattr(m, f"epng_{k}").detach().clone() for k in ("A", "B", "router")} for n, m in handle.modules.items()}
+    moments = {n: {k: {s: opt.state[getattr(m, f"epng_{k}")][s].clone() for s in ("exp_avg", "exp_avg_sq", "step")}
+                   for k in ("A", "B", "router")} for n, m in handle.modules.items()}
+    handle.remove_experts(threshold=1e-9, keep=2, optimizer=opt)
+    assert torch.equal(~handle.kept(), zero)
+    assert torch.equal(_logits(dense, impl="loop"), before["loop"])          # exactly
+    drift = (_logits(dense) - before["fast"]).abs().max() / before["fast"].abs().max()
+    assert drift <= 1e-6                                                     # float32 rounding of reordered sums
+    for n, m in handle.modules.items():
+        keep = m.epng_expert_ids
+        assert m.n_experts >= 2
+        for k in ("A", "B", "router"):
+            p = getattr(m, f"epng_{k}")
+            assert torch.equal(p.detach(), old[n][k][keep])
+            assert torch.equal(opt.state[p]["exp_avg"], moments[n][k]["exp_avg"][keep])
+            assert torch.equal(opt.state[p]["exp_avg_sq"], moments[n][k]["exp_avg_sq"][keep])
+            assert torch.equal(opt.state[p]["step"], moments[n][k]["step"])
+    assert len(opt.state) == 3 * len(handle.modules)
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in handle.parameters()]
+    dense.train()                                                            # the optimizer trains the new tensors
+    dense(input_ids=IDS).logits.sum().backward()
+    a = next(iter(handle.modules.values())).epng_A
+    a0 = a.detach().clone(); opt.step()
+    assert not torch.equal(a.detach(), a0)
+
+
+def test_threshold_rules(dense):
+    share = torch.tensor([0.5, 0.3, 0.05, 0.05, 0.04, 0.03, 0.02, 0.01])
+    assert experts_to_keep(share, 0.10, 2).tolist() == [0, 1]
+    assert experts_to_keep(share, 0.40, 2).tolist() == [0, 1]
+    assert experts_to_keep(torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1]), 0.5, 3).tolist() == [0, 1, 2]
+    handle = attach_dmep(dense)
+    with pytest.raises(EPnGError, match="no assignment was counted"): handle.remove_experts()
+    dense.train()
+    with torch.no_grad(): dense(input_ids=IDS)
+    with pytest.raises(EPnGError, match="keep must be"): handle.remove_experts(keep=1)
+    with pytest.raises(EPnGError, match="threshold must be"): handle.remove_experts(threshold=1.0)
+    handle.remove_experts(threshold=0.99, keep=2)
+    assert all(m.n_experts == 2 for m in handle.modules.values())
+    with pytest.raises(EPnGError, match="cannot be merged"): handle.merged_model()
+    with pytest.raises(EPnGError, match="already has DMEP"): attach_dmep(dense)
+    with pytest.raises(EPnGError, match="top_k"): attach_dmep(load_nano_dense()[0], n_experts=2, top_k=3)
+
+
+def _trained_handle(dense):
+    handle = attach_dmep(dense)
+    _randomise(handle)
+    dense.train()
+    with torch.no_grad(): dense(input_ids=IDS)
+    handle.remove_experts(threshold=0.12, keep=2)
+    return handle
+
+
+def test_save_load_round_trip_is_exact(dense, tmp_path):
+    handle = _trained_handle(dense)
+    dense.eval()
+    want = _logits(dense)
+    save_dmep(handle, tmp_path / "a")
+    fresh = load_nano_dense()[0].eval()
+    loaded = load_dmep(fresh, tmp_path / "a")
+    assert torch.equal(_logits(fresh), want)
+    assert torch.equal(loaded.kept(), handle.kept())
+    for name, m in loaded.modules.items():
+        for k in ("A", "B", "router"):
+            assert torch.equal(getattr(m, f"epng_{k}"), getattr(handle.modules[name], f"epng_{k}"))
+    assert not any(f.suffix in (".pt", ".pkl", ".bin") for f in (tmp_path / "a").iterdir())
+
+
+def _edit_json(change):
+    def edit(folder):
+        meta = json.loads((folder / DMEP_CONFIG).read_text())
+        change(meta)
+        (folder / DMEP_CONFIG).write_text(json.dumps(meta))
+    return edit
+
+
+def _nan_tensor(folder):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(folder / DMEP_WEIGHTS)
+    name = next(k for k in tensors if k.endswith(".B"))
+    tensors[name][0, 0, 0] = float("nan")
+    save_file(tensors, folder / DMEP_WEIGHTS)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: (f / DMEP_WEIGHTS).write_bytes((f / DMEP_WEIGHTS).read_bytes()[:500]), "not a readable safetensors"),
+    (lambda f: (f / DMEP_WEIGHTS).write_bytes(b""), "not a readable safetensors"),
+    (lambda f: (f / DMEP_CONFIG).write_text("{"), "not valid JSON"),
+    (lambda f: (f / DMEP_CONFIG).write_text("[]"), "not an object"),
+    (lambda f: (f / DMEP_CONFIG).unlink(), "no DMEP adapter"),
+    (_edit_json(lambda m: m.update(format="epng-adapter")), "not 'epng-dmep'"),
+    (_edit_json(lambda m: m.update(format_version=7)), "format_version"),
+    (_edit_json(lambda m: m.update(rank=16)), "expected F32"),
+    (_edit_json(lambda m: m.update(dtype="int8")), "dtype"),
+    (_edit_json(lambda m: m.update(n_experts=0)), "n_experts"),
+    (_edit_json(lambda m: m.update(lora_alpha=float("inf"))), "lora_alpha"),
+    (_edit_json(lambda m: next(iter(m["modules"].values())).update(experts=[0, 8])), "below n_experts"),
+    (_edit_json(lambda m: next(iter(m["modules"].values())).update(experts=[1, 1])), "ascending"),
+    (_edit_json(lambda m: next(iter(m["modules"].values())).update(experts=[0])), "top_k"),
+    (_edit_json(lambda m: next(iter(m["modules"].values())).update({"in": 64})), "expected F32"),
+    (_edit_json(lambda m: m["modules"].pop(next(iter(m["modules"])))), "not expected"),
+    (_nan_tensor, "NaN"),
+])
+def test_damaged_adapters_are_refused(dense, tmp_path, edit, message):
+    save_dmep(_trained_handle(dense), tmp_path / "a")
+    edit(tmp_path / "a")
+    with pytest.raises(EPnGError, match=message): load_dmep(load_nano_dense()[0], tmp_path / "a")
+
+
+def test_expert_ids_that_disagree_with_the_json_are_refused(dense, tmp_path):
+    save_dmep(_trained_handle(dense), tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / DMEP_CONFIG).read_text())
+    name = next(n for n, m in meta["modules"].items() if m["experts"] != list(range(len(m["experts"]))))
+    meta["modules"][name]["experts"] = list(range(len(meta["modules"][name]["experts"])))
+    (tmp_path / "a" / DMEP_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(InvalidAdapterError, match="JSON gives other experts"): read_dmep(tmp_path / "a")
+
+
+def test_adapter_for_another_model_is_refused(dense, tmp_path):
+    from transformers import AutoModelForCausalLM
+    save_dmep(_trained_handle(dense), tmp_path / "a")
+    other = AutoModelForCausalLM.from_config(nano_dense_config(intermediate_size=256))
+    with pytest.raises(EPnGError, match="load it into its base model"): load_dmep(other, tmp_path / "a")
+    deeper = AutoModelForCausalLM.from_config(nano_dense_config(num_hidden_layers=5))
+    with pytest.raises(EPnGError, match="made for other modules"): load_dmep(deeper, tmp_path / "a")
+
+
+def test_controller_trains_removes_once_and_resumes(dense):
+    torch.manual_seed(0)
+    handle = attach_dmep(dense)
+    tok = load_nano_dense()[1]
+    task = SFTDataset([(r["query"], r["response"]) for r in nano_task(64, seed=0)], tok, max_length=256)
+    opt = torch.optim.AdamW(handle.parameters(), lr=2e-3, weight_decay=0.0)
+    controller = DMEPController(handle, warmup_steps=8)
+    assert controller.aux_loss_weight == DMEP_AUX_COEF and handle.balance_on
+    losses, removals = [], []
+    dense.train()
+    for step, batch in enumerate(make_batches(task, 8, seed=0, num_steps=16), start=1):
+        out = dense(**batch)
+        if step <= 8: assert handle.modules[next(iter(handle.modules))].aux is not None
+        else: assert all(m.aux is None for m in handle.modules.values())
+        controller.loss(out.loss).backward()
+        opt.step(); opt.zero_grad()
+        losses.append(out.loss.item())
+        if (r := controller.step_end(step, opt)) is not None: removals.append(r)
+    assert [r["step"] for r in removals] == [8] and controller.removed
+    assert controller.aux_loss_weight == 0 and not handle.balance_on
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert all(m.n_experts >= 2 for m in handle.modules.values())
+    assert removals[0]["trainable_after"] == handle.num_trainable() < removals[0]["trainable_before"]
+    state = json.loads(json.dumps(controller.state_dict()))
+    again = DMEPController(handle, warmup_steps=8)
+    again.load_state_dict(state)
+    assert again.removed and not handle.balance_on and again.step_end(20) is None
+    with pytest.raises(EPnGError, match="same settings"): DMEPController(handle, warmup_steps=9).load_state_dict(state)
+    with pytest.raises(EPnGError, match="do not match"):
+        DMEPController(attach_dmep(load_nano_dense()[0]), warmup_steps=8).load_state_dict(state)
+    bad = json.loads(json.dumps(state)); bad["counts"][0][0] = -1.0
+    with pytest.raises(EPnGError, match="counts"): DMEPController(handle, warmup_steps=8).load_state_dict(bad)
+
+
+def test_state_dict_resumes_after_removal_with_the_optimizer(dense):
+    handle = _trained_handle(dense)
+    opt = torch.optim.AdamW(handle.parameters(), lr=1e-3)
+    dense.train()
+    dense(input_ids=IDS).logits.sum().backward(); opt.step(); opt.zero_grad()
+    resumed = attach_dmep(load_nano_dense()[0])
+    fresh_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+    resumed.bind_optimizer(fresh_opt)
+    resumed.load_state_dict(handle.state_dict())
+    assert torch.equal(resumed.kept(), handle.kept())
+    fresh_opt.load_state_dict(opt.state_dict())
+    for p, q in zip(resumed.parameters(), handle.parameters()):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(fresh_opt.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
+    with pytest.raises(EPnGError, match="does not fit"): resumed.load_state_dict({})
+    full = attach_dmep(load_nano_dense()[0])
+    with pytest.raises(EPnGError, match="saved experts"):      # a removed expert cannot come back
+        handle.load_state_dict(full.state_dict())
