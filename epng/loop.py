@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_loop.ipynb #2af18d6a
 from __future__ import annotations
-import os, warnings
+import json, os, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 import torch
@@ -23,16 +23,17 @@ from .compat import renamed_arguments
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['LORA_METHODS', 'METHODS', 'EPNG_STATE', 'OLD_EPNG_STATE', 'OLD_FORMAT_HINT', 'GROUP_COLORS', 'GROUP_NAMES',
-           'check_method', 'is_cycle_step', 'cycle_steps', 'world_size', 'average_over_processes', 'cycle_generator',
-           'grow_only_delta', 'CycleRecord', 'check_controller_state', 'EPnGController', 'slot_owners', 'check_ranks',
-           'restore_ranks', 'read_trainer_checkpoint', 'complete_trainer_checkpoint', 'unreachable_state',
-           'EPnGCallback', 'cycle_tables', 'plot_cycle_history', 'importance_groups', 'plot_importance_shift',
-           'plot_losses']
+__all__ = ['LORA_METHODS', 'ADAPTER_METHODS', 'METHODS', 'EPNG_STATE', 'OLD_EPNG_STATE', 'OLD_FORMAT_HINT', 'GROUP_COLORS',
+           'GROUP_NAMES', 'check_method', 'is_cycle_step', 'cycle_steps', 'world_size', 'average_over_processes',
+           'cycle_generator', 'grow_only_delta', 'CycleRecord', 'check_controller_state', 'EPnGController',
+           'slot_owners', 'check_ranks', 'restore_ranks', 'read_trainer_checkpoint', 'complete_trainer_checkpoint',
+           'zero_stage', 'unreachable_state', 'prepare_zero3', 'EPnGCallback', 'cycle_tables', 'plot_cycle_history',
+           'importance_groups', 'plot_importance_shift', 'plot_losses']
 
 # %% ../nbs/11_loop.ipynb #5c09e663
-LORA_METHODS = ("static", "prune_only", "grow_only", "epng")
-METHODS = LORA_METHODS + ("esft", "fft")
+LORA_METHODS = ("static", "prune_only", "grow_only", "epng")   # the schedules EPnGController runs
+ADAPTER_METHODS = LORA_METHODS + ("sieve", "dr_lora")          # LoRA on the experts, one adapter format (11b: the two)
+METHODS = ADAPTER_METHODS + ("esft", "fft")
 
 def check_method(method: str, allowed: tuple = METHODS) -> str:
     "Return `method` if it is one of `allowed`, else raise an error that lists them."
@@ -259,19 +260,40 @@ def complete_trainer_checkpoint(path) -> tuple[Path, dict]:
         raise
 
 # %% ../nbs/11_loop.ipynb #d00a1c3a
+def _on(name: str) -> bool: return os.environ.get(name, "").lower() in ("1", "true")   # what `accelerate launch` sets
+
+def zero_stage(args) -> int | None:
+    "The DeepSpeed ZeRO stage `args` (TrainingArguments) or `accelerate launch` chose; None without DeepSpeed."
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or getattr(args, "deepspeed", None)
+    if not config and _on("ACCELERATE_USE_DEEPSPEED"):
+        config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if config == "none": return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))   # accelerate's default
+    if not config: return None
+    if not isinstance(config, dict): config = json.loads(Path(config).read_text())
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
 def unreachable_state(args) -> str | None:
     "The engine `args` (TrainingArguments) or `accelerate launch` chose whose optimizer state prune and grow cannot edit."
-    on = lambda name: os.environ.get(name, "").lower() in ("1", "true")     # what `accelerate launch` sets
-    if getattr(args, "deepspeed", None) or on("ACCELERATE_USE_DEEPSPEED"): return "DeepSpeed (ZeRO)"
+    if (stage := zero_stage(args)) is not None and stage != 3: return f"DeepSpeed ZeRO stage {stage}"
     config = getattr(args, "fsdp_config", None) or {}
     version = config.get("fsdp_version", config.get("version", os.environ.get("FSDP_VERSION", 1)))
-    if (getattr(args, "fsdp", None) or on("ACCELERATE_USE_FSDP")) and str(version) != "2": return "FSDP version 1"
+    version = (getattr(args, "fsdp_plugin_args", None) or {}).get("fsdp_version", version)   # what the Trainer will use
+    if (getattr(args, "fsdp", None) or _on("ACCELERATE_USE_FSDP")) and str(version) != "2": return "FSDP version 1"
     return None
+
+def prepare_zero3(handle: EPnGHandle) -> None:
+    "Before DeepSpeed ZeRO-3 wraps the model: gather each experts module with its LoRA factors, reduce them in order."
+    from deepspeed.utils import set_z3_leaf_module
+    for layer in handle.layers: set_z3_leaf_module(layer.experts, True)   # the experts function reads epng_lora's factors
+    handle.model.enable_input_require_grads()   # a leaf's gradients are reduced once its inputs' gradients are done
 
 # %% ../nbs/11_loop.ipynb #1c174b44
 class EPnGCallback(TrainerCallback):
     "Runs EPnG inside `transformers.Trainer` (and TRL's `SFTTrainer`), editing the Trainer's own optimizer."
     def __init__(self, handle: EPnGHandle, method: str = "epng", seed: int = 0, distributed_max_rank: int | None = None):
+        if method in ADAPTER_METHODS and method not in LORA_METHODS:
+            raise EPnGError(f"EPnGCallback runs {list(LORA_METHODS)}; for {method!r} use "
+                            f"epng.methods.MethodCallback(handle, {method!r}) (notebook 11b).")
         self.handle, self.method, self.seed = handle, check_method(method, LORA_METHODS), seed
         self.controller, self._restored = None, None
         if distributed_max_rank is not None:
@@ -282,7 +304,9 @@ class EPnGCallback(TrainerCallback):
         if problem := unreachable_state(args):
             raise EPnGError(f"EPnGCallback cannot run under {problem}: it keeps each parameter's optimizer state in "
                             "flattened pieces that prune and grow cannot reach, so pruned ranks would come back. Use "
-                            "DistributedDataParallel (the default) or FSDP2 (fsdp_config={'fsdp_version': 2}).")
+                            "DistributedDataParallel (the default), FSDP2 (fsdp_config={'fsdp_version': 2}) or "
+                            "DeepSpeed ZeRO stage 3.")
+        if zero_stage(args) == 3: prepare_zero3(self.handle)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.controller = EPnGController(self.handle, self.method, state.max_steps, seed=self.seed)

@@ -24,7 +24,7 @@ NANO_SHAPE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
               "num_attention_heads", "num_experts", "num_experts_per_tok")                  # model the nano one
 # epng.loop.METHODS, epng.data.FORMATS, epng.baselines.ESFT_TOP_P, epng.moe.TARGETS and epng.gates.IMPORTANCE, written
 # out here so that the command line's help needs no torch; checked against them below
-CHOICES = {"method": ("static", "prune_only", "grow_only", "epng", "esft", "fft"),
+CHOICES = {"method": ("static", "prune_only", "grow_only", "epng", "sieve", "dr_lora", "esft", "fft"),
            "dataset_format": ("metamathqa", "codealpaca"), "esft_criterion": ("token", "gate"),
            "targets": ("gate_proj", "up_proj", "down_proj"), "importance": ("gate", "selection", "weight")}
 
@@ -64,7 +64,7 @@ class TrainArgs:
     model: str = EMBEDDED                # hub id, local folder, or 'embedded': the nano OLMoE shipped with epng
     dataset: str = EMBEDDED              # 'metamathqa', 'codealpaca', a .json/.jsonl file, or 'embedded' (nano task)
     dataset_format: str | None = None    # schema of a local file's rows; detected from their fields unless given
-    method: str = "epng"                 # epng; static: plain LoRA; prune_only; grow_only; esft; fft: full fine-tuning
+    method: str = "epng"                 # epng; static: plain LoRA; prune_only; grow_only; sieve; dr_lora; esft; fft
     max_steps: int | None = None         # optimizer steps of the whole run
     batch_size: int | None = None        # sequences per process and micro-batch
     grad_accum: int = 1                  # micro-batches per optimizer step
@@ -186,7 +186,7 @@ def _value_checks(args: TrainArgs) -> list[tuple[bool, str]]:
 # %% ../nbs/12_settings.ipynb #26bb9051
 def _run_checks(args: TrainArgs) -> list[tuple[bool, str]]:
     "`(ok, message)` for where the run writes, when it saves, what it resumes and how long it waits."
-    from epng.loop import LORA_METHODS       # here, as in check: this module imports no torch
+    from epng.loop import ADAPTER_METHODS    # here, as in check: this module imports no torch
     latest = newest_run(args.method) if args.resume == "latest" and args.output_dir is None else None
     return [
         (args.output_dir is None or isinstance(args.output_dir, str) and args.output_dir.strip() != "",
@@ -200,6 +200,6 @@ def _run_checks(args: TrainArgs) -> list[tuple[bool, str]]:
          f"{latest or f'outputs/{args.method}-<YYYYmmdd-HHMMSS>'} --resume latest"),
         (_number(args.dist_timeout) and args.dist_timeout > 0,
          f"dist_timeout must be a finite number of seconds > 0, got {args.dist_timeout!r}"),
-        (not args.fsdp or args.method in LORA_METHODS,
+        (not args.fsdp or args.method in ADAPTER_METHODS,
          f"fsdp shards the LoRA methods' factors; {args.method} runs without it (leave --fsdp out)"),
     ]

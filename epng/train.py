@@ -22,7 +22,8 @@ from .handle import attach
 from .data import IGNORE_INDEX, load_rows, SFTDataset, StepBatchSampler, collate
 from .nano import load_nano
 from .samples import nano_task
-from .loop import LORA_METHODS, EPnGController, average_over_processes, plot_cycle_history, plot_losses
+from .loop import LORA_METHODS, ADAPTER_METHODS, EPnGController, average_over_processes, plot_cycle_history, plot_losses
+from .methods import METHOD_TUNERS, RANK_RULES, make_method_tuner
 from .loop import cycle_steps, check_controller_state, OLD_FORMAT_HINT, restore_ranks, slot_owners
 from .io import JSONFileError, load_state, read_json, save_state
 from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning, base_parameter_count
@@ -88,6 +89,8 @@ def embedded_rows(limit: int | None = None, seed: int = 0) -> list:
 # %% ../nbs/13_train.ipynb #cfcf086b
 def make_tuner(model: nn.Module, args: TrainArgs, scoring_batches=None):
     "`(tuner, controller)` for `args.method`; the controller is None for ESFT and full fine-tuning."
+    if args.method in METHOD_TUNERS:                      # MoE-Sieve scores routing on the ESFT scoring batches
+        return make_method_tuner(model, args.method, args.epng_config(), args.max_steps, args.seed, scoring_batches)
     if args.method in LORA_METHODS:
         handle = attach(model, args.epng_config())
         return handle, EPnGController(handle, args.method, args.max_steps, seed=args.seed)
@@ -278,7 +281,7 @@ def save_checkpoint(folder, args: TrainArgs, step: int, tuner, optimizer, schedu
     Every process calls it: sharded, each writes its own rows; otherwise they gather and the one with `write` writes."""
     if problem := nonfinite_state(tuner, optimizer):
         raise EPnGError(f"{folder} was not written: at step {step} {problem}.")
-    lora, sharded = args.method in LORA_METHODS, is_sharded(tuner)
+    lora, sharded = args.method in ADAPTER_METHODS, is_sharded(tuner)
     if sharded: optimizer_state = without_moments(optimizer)
     else: optimizer_state, trainable = full_optimizer_state(optimizer), adapter_tensors(tuner) if lora else tuner.state_dict()
     if not (write or sharded): return Path(folder)
@@ -308,7 +311,7 @@ def check_resumable(saved: dict, args: TrainArgs) -> dict:
     return {k: (saved.get(k), now[k]) for k in OPTIMIZER_SETTINGS if saved.get(k) != now[k]}
 
 # %% ../nbs/13_train.ipynb #808255cc
-BUDGET_METHODS = ("static", "epng")   # the methods whose rank sum is the budget after every step
+BUDGET_METHODS = ("static", "epng", "sieve")   # the methods whose rank sum is the budget after every step
 
 def saved_settings(folder: Path, args: TrainArgs) -> dict:
     "The checkpoint's args.json, read within limits and compared with `args`: the optimizer settings that changed."
@@ -327,7 +330,7 @@ def saved_settings(folder: Path, args: TrainArgs) -> dict:
 def check_trainer_state(folder: Path, state, args: TrainArgs) -> None:
     "A checkpoint's trainer state: its parts, a step and losses of this run, random states, finite optimizer moments."
     def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
-    lora = args.method in LORA_METHODS
+    lora = args.method in ADAPTER_METHODS
     keys = {"step", "optimizer", "scheduler", "controller", "losses", "changes", "rng"}
     if (not isinstance(state, dict) or set(state) != keys or not isinstance(state["optimizer"], dict)
             or not isinstance(state["optimizer"].get("state"), dict) or not isinstance(state["changes"], list)):
@@ -407,7 +410,7 @@ def inspect_checkpoint(folder, args: TrainArgs) -> dict:
     if not folder.is_dir(): raise EPnGError(f"{folder} is not a folder: give a checkpoint-N folder, or 'latest'.")
     if (folder / OLD_TRAINER_STATE).exists() and not (folder / f"{TRAINER_STATE}.json").exists():
         damaged(f"{OLD_TRAINER_STATE} is not loaded: {OLD_FORMAT_HINT}")
-    lora = args.method in LORA_METHODS
+    lora = args.method in ADAPTER_METHODS
     def complete(needed):
         if missing := [n for n in needed if not (folder / n).exists()]:
             raise DamagedCheckpointError(f"{folder} is not a complete epng checkpoint (no {', '.join(missing)}): give "
@@ -556,7 +559,7 @@ def restore_slots(handle, slots: dict, method: str) -> None:
     "Give a fresh handle a sharded checkpoint's ranks and slot owners, after checking them and its budget."
     if slots["budget"] != handle.budget:
         raise EPnGError(f"its budget {_short(slots['budget'])} is not this run's ({handle.budget}): it is damaged")
-    restore_ranks(handle, slots["ranks"], slots["slot_owner"], method)
+    restore_ranks(handle, slots["ranks"], slots["slot_owner"], RANK_RULES.get(method, method))
 
 def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, controller) -> tuple[int, list, list]:
     """Restore a run into freshly built objects from `checkpoint` (a folder, or what `inspect_checkpoint` returned);
@@ -571,7 +574,7 @@ def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, co
     if found.get("slots") is not None:
         try: restore_slots(tuner, found["slots"], args.method)
         except EPnGError as e: raise DamagedCheckpointError(f"{folder / SLOTS}.json: {e}") from None
-    elif args.method in LORA_METHODS: load_adapter_into(tuner, folder / "adapter")
+    elif args.method in ADAPTER_METHODS: load_adapter_into(tuner, folder / "adapter")
     else:
         try: tuner.load_state_dict(found["tuner"])
         except (RuntimeError, KeyError) as e:
@@ -770,7 +773,7 @@ def build_tuner(model, dataset, run: dict) -> tuple:
     if args.fsdp and world > 1: shard_model(model)       # before the optimizer: FSDP2 replaces the parameters
     if controller: check_cycles_fit(tuner, args)
     optimizer, scheduler = make_optimizer(tuner, args, device)
-    if controller: tuner.bind_optimizer(optimizer)
+    if controller: getattr(controller, "bind_optimizer", tuner.bind_optimizer)(optimizer)   # DR-LoRA reads gradients
     return tuner, controller, optimizer, scheduler
 
 def resume_into(model, dataset, run: dict) -> dict:
@@ -887,7 +890,7 @@ def save_run(out: Path, args: TrainArgs, result: dict, optimizer, scheduler, wri
     tuner, controller, losses = result["tuner"], result["controller"], result["losses"]
     final = save_checkpoint(checkpoint_dir(out, args.max_steps), args, args.max_steps, tuner, optimizer, scheduler,
                             controller, losses, result.get("changes"), write=write)
-    adapter = adapter_tensors(tuner) if args.method in LORA_METHODS else None   # gathered on every process
+    adapter = adapter_tensors(tuner) if args.method in ADAPTER_METHODS else None   # gathered on every process
     if not write: return {}
     saved = {"checkpoint": final, "figures": out / "figures"}
     if saved["figures"].is_symlink() or os.path.lexists(saved["figures"]) and not saved["figures"].is_dir():
