@@ -68,7 +68,11 @@ class _OldFlag(argparse.Action):
 def report(result: dict) -> str:
     "What a person wants to read at the end of a run."
     args, lines = result["args"], []
-    if result["controller"] is not None:                 # the LoRA methods: their ranks
+    if args.method == "dmep" and result["controller"].history:   # DMEP: what the removal kept
+        kept = result["tuner"].kept()
+        lines.append(f"DMEP kept {int(kept.sum())} of {kept.numel()} LoRA experts "
+                     f"({int(kept.sum(1).min())}..{int(kept.sum(1).max())} per module)")
+    elif result["controller"] is not None:               # the LoRA methods: their ranks
         lines += [f"final ranks ({result['tuner'].ranks.shape[0]} MoE layers × {result['tuner'].ranks.shape[1]} experts):",
                   rank_table(result["tuner"].ranks)]
     lines.append(f"{args.method}: {result['share']:.3%} of the parameters trained; loss "

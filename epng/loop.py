@@ -33,7 +33,7 @@ __all__ = ['LORA_METHODS', 'ADAPTER_METHODS', 'METHODS', 'EPNG_STATE', 'OLD_EPNG
 # %% ../nbs/11_loop.ipynb #5c09e663
 LORA_METHODS = ("static", "prune_only", "grow_only", "epng")   # the schedules EPnGController runs
 ADAPTER_METHODS = LORA_METHODS + ("sieve", "dr_lora")          # LoRA on the experts, one adapter format (11b: the two)
-METHODS = ADAPTER_METHODS + ("esft", "fft")
+METHODS = ADAPTER_METHODS + ("dmep", "esft", "fft")           # DMEP (11c): LoRA experts on a dense model
 
 def check_method(method: str, allowed: tuple = METHODS) -> str:
     "Return `method` if it is one of `allowed`, else raise an error that lists them."
@@ -283,7 +283,9 @@ def unreachable_state(args) -> str | None:
 
 def prepare_zero3(handle: EPnGHandle) -> None:
     "Before DeepSpeed ZeRO-3 wraps the model: gather each experts module with its LoRA factors, reduce them in order."
-    from deepspeed.utils import set_z3_leaf_module
+    try: from deepspeed.utils import set_z3_leaf_module
+    except ImportError: raise EPnGError("DeepSpeed ZeRO-3 was chosen, but deepspeed does not import here: install it "
+                                        "(pip install deepspeed).") from None
     for layer in handle.layers: set_z3_leaf_module(layer.experts, True)   # the experts function reads epng_lora's factors
     handle.model.enable_input_require_grads()   # a leaf's gradients are reduced once its inputs' gradients are done
 

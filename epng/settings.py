@@ -24,7 +24,7 @@ NANO_SHAPE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
               "num_attention_heads", "num_experts", "num_experts_per_tok")                  # model the nano one
 # epng.loop.METHODS, epng.data.FORMATS, epng.baselines.ESFT_TOP_P, epng.moe.TARGETS and epng.gates.IMPORTANCE, written
 # out here so that the command line's help needs no torch; checked against them below
-CHOICES = {"method": ("static", "prune_only", "grow_only", "epng", "sieve", "dr_lora", "esft", "fft"),
+CHOICES = {"method": ("static", "prune_only", "grow_only", "epng", "sieve", "dr_lora", "dmep", "esft", "fft"),
            "dataset_format": ("metamathqa", "codealpaca"), "esft_criterion": ("token", "gate"),
            "targets": ("gate_proj", "up_proj", "down_proj"), "importance": ("gate", "selection", "weight")}
 
@@ -64,7 +64,7 @@ class TrainArgs:
     model: str = EMBEDDED                # hub id, local folder, or 'embedded': the nano OLMoE shipped with epng
     dataset: str = EMBEDDED              # 'metamathqa', 'codealpaca', a .json/.jsonl file, or 'embedded' (nano task)
     dataset_format: str | None = None    # schema of a local file's rows; detected from their fields unless given
-    method: str = "epng"                 # epng; static: plain LoRA; prune_only; grow_only; sieve; dr_lora; esft; fft
+    method: str = "epng"                 # epng; static: plain LoRA; prune_only; grow_only; sieve; dr_lora; dmep; esft; fft
     max_steps: int | None = None         # optimizer steps of the whole run
     batch_size: int | None = None        # sequences per process and micro-batch
     grad_accum: int = 1                  # micro-batches per optimizer step

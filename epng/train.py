@@ -24,6 +24,7 @@ from .nano import load_nano
 from .samples import nano_task
 from .loop import LORA_METHODS, ADAPTER_METHODS, EPnGController, average_over_processes, plot_cycle_history, plot_losses
 from .methods import METHOD_TUNERS, RANK_RULES, make_method_tuner
+from .dmep import DMEPController, attach_dmep, nano_dense_path, plot_dmep_removal, save_dmep
 from .loop import cycle_steps, check_controller_state, OLD_FORMAT_HINT, restore_ranks, slot_owners
 from .io import JSONFileError, load_state, read_json, save_state
 from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning, base_parameter_count
@@ -35,11 +36,11 @@ from .compat import RENAMED_KNOBS, renamed_keywords
 # %% auto #0
 __all__ = ['MAX_MODEL_JSON_BYTES', 'EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMABLE_DIFFERENCES',
            'TRAINER_STATE', 'OLD_TRAINER_STATE', 'TUNER_STATE', 'SHARDED', 'SLOTS', 'MOMENTS', 'BUDGET_METHODS',
-           'MAX_SHARD_FILES', 'IMPLEMENTATION_FLAGS', 'RUN_FILES', 'check_model_files', 'load_model_and_tokenizer',
-           'embedded_rows', 'make_tuner', 'method_share', 'init_processes', 'bounded_wait', 'distributed',
-           'shard_model', 'gradient_sync', 'shared_statistics', 'launcher_engine', 'DamagedCheckpointError',
-           'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint', 'nonfinite',
-           'nonfinite_state', 'full_optimizer_state', 'is_sharded', 'sharded_tensors', 'without_moments',
+           'CONTROLLED', 'MAX_SHARD_FILES', 'IMPLEMENTATION_FLAGS', 'RUN_FILES', 'check_model_files',
+           'load_model_and_tokenizer', 'model_source', 'embedded_rows', 'make_tuner', 'method_share', 'init_processes',
+           'bounded_wait', 'distributed', 'shard_model', 'gradient_sync', 'shared_statistics', 'launcher_engine',
+           'DamagedCheckpointError', 'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint',
+           'nonfinite', 'nonfinite_state', 'full_optimizer_state', 'is_sharded', 'sharded_tensors', 'without_moments',
            'shared_atomic_dir', 'write_shards', 'save_checkpoint', 'check_resumable', 'saved_settings',
            'check_trainer_state', 'tiles', 'read_shard_index', 'inspect_shards', 'inspect_checkpoint',
            'resume_candidates', 'check_optimizer_state', 'check_scheduler_state', 'apply_changes', 'laid_out',
@@ -80,6 +81,10 @@ def load_model_and_tokenizer(name: str, bf16: bool = False, device=None):
     if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token
     return model.to(device or "cpu"), tokenizer
 
+def model_source(args: TrainArgs) -> str:
+    "What `args.model` names for this method: 'embedded' is the nano dense model for DMEP, the nano OLMoE otherwise."
+    return str(nano_dense_path()) if args.model == EMBEDDED and args.method == "dmep" else args.model
+
 EMBEDDED_ROWS = 2000   # nano-task training problems behind dataset='embedded'
 
 def embedded_rows(limit: int | None = None, seed: int = 0) -> list:
@@ -94,6 +99,9 @@ def make_tuner(model: nn.Module, args: TrainArgs, scoring_batches=None):
     if args.method in LORA_METHODS:
         handle = attach(model, args.epng_config())
         return handle, EPnGController(handle, args.method, args.max_steps, seed=args.seed)
+    if args.method == "dmep":                             # removal after T_w steps, the balancing loss until then
+        handle = attach_dmep(model, rank=args.rank, lora_alpha=args.lora_alpha)
+        return handle, DMEPController(handle, args.warmup_steps)
     if args.method == "esft":
         scores = esft_scores(model, scoring_batches, criterion=args.esft_criterion)
         model.requires_grad_(False)
@@ -311,7 +319,8 @@ def check_resumable(saved: dict, args: TrainArgs) -> dict:
     return {k: (saved.get(k), now[k]) for k in OPTIMIZER_SETTINGS if saved.get(k) != now[k]}
 
 # %% ../nbs/13_train.ipynb #808255cc
-BUDGET_METHODS = ("static", "epng", "sieve")   # the methods whose rank sum is the budget after every step
+BUDGET_METHODS = ("static", "epng", "sieve")
+CONTROLLED = ADAPTER_METHODS + ("dmep",)   # the methods with a controller, and its state in every checkpoint   # the methods whose rank sum is the budget after every step
 
 def saved_settings(folder: Path, args: TrainArgs) -> dict:
     "The checkpoint's args.json, read within limits and compared with `args`: the optimizer settings that changed."
@@ -330,7 +339,7 @@ def saved_settings(folder: Path, args: TrainArgs) -> dict:
 def check_trainer_state(folder: Path, state, args: TrainArgs) -> None:
     "A checkpoint's trainer state: its parts, a step and losses of this run, random states, finite optimizer moments."
     def damaged(msg): raise DamagedCheckpointError(f"{folder}: {msg}")
-    lora = args.method in ADAPTER_METHODS
+    controlled = args.method in CONTROLLED
     keys = {"step", "optimizer", "scheduler", "controller", "losses", "changes", "rng"}
     if (not isinstance(state, dict) or set(state) != keys or not isinstance(state["optimizer"], dict)
             or not isinstance(state["optimizer"].get("state"), dict) or not isinstance(state["changes"], list)):
@@ -347,7 +356,7 @@ def check_trainer_state(folder: Path, state, args: TrainArgs) -> None:
         random.Random().setstate(rng["python"]); torch.Generator().set_state(rng["torch"])
     except (TypeError, ValueError, OverflowError, RuntimeError):
         damaged(f"the random states in {TRAINER_STATE}.json/.safetensors are not torch's and python's")
-    if (state["controller"] is None) == lora: damaged("its controller state does not fit the method")
+    if (state["controller"] is None) == controlled: damaged("its controller state does not fit the method")
     moments = {f"{k} of parameter {i}": v for i, st in state["optimizer"]["state"].items()
                if isinstance(st, dict) for k, v in st.items() if torch.is_tensor(v)}
     if problem := nonfinite(moments, "the optimizer's"): damaged(problem)
@@ -568,7 +577,7 @@ def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, co
     found = checkpoint if isinstance(checkpoint, dict) else inspect_checkpoint(checkpoint, args)
     folder, state = found["folder"], found["state"]
     where = folder / f"{TRAINER_STATE}.json"
-    if controller:                                          # before anything changes: the fresh handle's shapes
+    if controller and args.method != "dmep":              # before anything changes: the fresh handle's shapes
         try: check_controller_state(state["controller"], tuner)
         except EPnGError as e: raise DamagedCheckpointError(f"{where}: {e}") from None
     if found.get("slots") is not None:
@@ -577,7 +586,7 @@ def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, co
     elif args.method in ADAPTER_METHODS: load_adapter_into(tuner, folder / "adapter")
     else:
         try: tuner.load_state_dict(found["tuner"])
-        except (RuntimeError, KeyError) as e:
+        except (RuntimeError, KeyError, EPnGError) as e:    # DMEP's removes the experts the saved state lacks
             raise DamagedCheckpointError(f"{folder / TUNER_STATE} does not fit this model: {e}") from None
     try: check_optimizer_state(state["optimizer"], optimizer, state["scheduler"], scheduler, state["step"],
                                found["changes"])          # after the adapter: moments have the grown shapes
@@ -586,7 +595,9 @@ def load_checkpoint(checkpoint, args: TrainArgs, tuner, optimizer, scheduler, co
     optimizer.load_state_dict(laid_out(state["optimizer"], optimizer)); scheduler.load_state_dict(state["scheduler"])
     for g, flags in zip(optimizer.param_groups, own): g.update(flags)   # fused on this device or not, as built
     if found.get("shards") is not None: load_shards(found, tuner, optimizer)
-    if controller: controller.load_state_dict(state["controller"])
+    if controller:
+        try: controller.load_state_dict(state["controller"])
+        except EPnGError as e: raise DamagedCheckpointError(f"{where}: {e}") from None
     random.setstate(state["rng"]["python"]); torch.set_rng_state(state["rng"]["torch"])
     changes = list(state["changes"])
     if found["changes"]:
@@ -741,6 +752,7 @@ def enable_checkpointing(model) -> None:
 def preset_line(given: TrainArgs, args: TrainArgs) -> str:
     "One line for the start of a run: the preset it took, why, and its values (with those the settings replaced)."
     name, why = preset_for(args.model)
+    if model_source(args) != args.model: why = f"the model is 'embedded': for {args.method}, the nano dense model in epng"
     values = [f"{k} {getattr(args, k)}" + (f" (given; preset {v})" if getattr(given, k) is not None else "")
               for k, v in PRESETS[name].items()]
     return f"preset '{name}' ({why}): " + ", ".join(values)
@@ -750,6 +762,9 @@ def open_run(given: TrainArgs, progress: bool = True) -> dict:
     "Settings resolved, processes joined, the output folder checked and cleaned, the checkpoint to resume from found."
     args = launcher_engine(given).resolved()
     rank, world, device = init_processes(args.dist_timeout)
+    if args.method == "dmep" and world > 1:
+        raise EPnGError("dmep runs in one process: its removal puts smaller tensors in place of those DDP and FSDP hold. "
+                        "Launch it without torchrun or accelerate.")
     args = run_folder(args, rank, world, device)
     out = Path(args.output_dir)
     if rank == 0:                                           # process 0 alone writes, so it alone checks and cleans
@@ -791,7 +806,7 @@ def resume_into(model, dataset, run: dict) -> dict:
             warnings.warn(f"resume='latest' skips {found['folder'].name}: {e}")
             if (found := next(run["candidates"], None)) is None:
                 raise EPnGError(f"resume='latest' but {run['out']} holds no complete checkpoint that is intact.") from None
-            model = load_model_and_tokenizer(args.model, args.bf16, run["device"])[0]
+            model = load_model_and_tokenizer(model_source(args), args.bf16, run["device"])[0]
             tuner, controller, optimizer, scheduler = build_tuner(model, dataset, run)
     return dict(model=model, tuner=tuner, controller=controller, optimizer=optimizer, scheduler=scheduler,
                 start=start, losses=losses, changes=changes, last_good=last_good)
@@ -816,7 +831,8 @@ def step_loss(model, batches, run: dict) -> torch.Tensor:
         last = k == args.grad_accum - 1      # the gradients are exchanged once, in the last backward pass
         with gradient_sync(model, last):
             loss = model(**batch).loss * share
-            loss.backward()                  # DDP averages over processes: Σ token losses ÷ all tokens
+            extra = run["aux_loss"]() / args.grad_accum if run.get("aux_loss") else 0   # DMEP's, in its warm-up
+            (loss + extra).backward()        # DDP averages over processes: Σ token losses ÷ all tokens
         total += loss.detach()
     if world > 1: dist.all_reduce(total); total /= world
     return total
@@ -845,15 +861,16 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
     run = open_run(given, progress)
     args, rank, world, device, out = (run[k] for k in ("args", "rank", "world", "device", "out"))
     torch.manual_seed(args.seed); random.seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.bf16, device)
+    model, tokenizer = load_model_and_tokenizer(model_source(args), args.bf16, device)
     rows = (embedded_rows(limit=args.limit, seed=args.seed) if args.dataset == EMBEDDED
             else load_rows(args.dataset, args.dataset_format, limit=args.limit, seed=args.seed))
     dataset = SFTDataset(rows, tokenizer, max_length=args.max_length)
     s = resume_into(model, dataset, run)
     model, tuner, controller, optimizer, scheduler = (s[k] for k in ("model", "tuner", "controller", "optimizer", "scheduler"))
     losses, changes, last_good = s["losses"], s["changes"], s["last_good"]
+    if args.method == "dmep": run["aux_loss"] = lambda: controller.aux_loss_weight * tuner.balance_loss()
     model.train()
-    stepper, trainable = distributed(model, world, device, args.fsdp), list(tuner.parameters())   # fixed all run
+    stepper, trainable = distributed(model, world, device, args.fsdp), list(tuner.parameters())   # DMEP's removal alone replaces them
     batches = step_batches(dataset, args, rank, world, s["start"])
     bar = tqdm(range(s["start"] + 1, args.max_steps + 1), desc=f"{args.method} training", disable=not progress or rank > 0)
     with bounded_wait(args.dist_timeout, world), StopSignals() as stop:
@@ -865,7 +882,8 @@ def train(args: TrainArgs | None = None, progress: bool = True) -> dict:
                                                                f"finite loss, {total.item():.4g})", step, last_good, args.lr)
             if args.max_grad_norm: torch.nn.utils.clip_grads_with_norm_(trainable, args.max_grad_norm, norm)
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
-            if controller: controller.step_end(step, optimizer)
+            if controller and controller.step_end(step, optimizer) and args.method == "dmep":
+                trainable = list(tuner.parameters())       # DMEP's removal put smaller tensors in their place
             losses.append(total.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             signum = stop.requested(world, device) if step < args.max_steps else None   # the last step saves anyway
@@ -897,7 +915,8 @@ def save_run(out: Path, args: TrainArgs, result: dict, optimizer, scheduler, wri
         raise EPnGError(f"{saved['figures']} is a link or a file, not the run's figures folder: nothing is written "
                         f"through it. Move it away and resume (--resume {final}) to draw the figures; the run is saved.")
     if adapter is not None: saved["adapter"] = write_adapter(adapter, adapter_metadata(tuner), out / "adapter")
-    history = controller.history if controller else []
+    if args.method == "dmep": saved["adapter"] = save_dmep(tuner, out / "adapter")
+    history = controller.history if controller and args.method != "dmep" else []
     with atomic_dir(saved["figures"]) as tmp:               # a fresh folder: a link planted inside is never followed
         fig, ax = plt.subplots(figsize=(6, 3))
         plot_losses({args.method: losses}, [r.step for r in history], smooth=min(10, len(losses)), ax=ax)
@@ -905,13 +924,20 @@ def save_run(out: Path, args: TrainArgs, result: dict, optimizer, scheduler, wri
         if history:
             fig = plot_cycle_history(history, args.rank)
             fig.savefig(tmp / "prune_grow.png", dpi=110, bbox_inches="tight"); plt.close(fig)
-        if controller:
+        if controller and args.method != "dmep":
             ax = plot_expert_heatmap(tuner.importance.mean(), "expert importance p̄ at the end", label="p̄")
             ax.figure.savefig(tmp / "importance.png", dpi=110, bbox_inches="tight"); plt.close(ax.figure)
+        if args.method == "dmep" and controller.history:
+            removal = controller.history[0]
+            fig = plot_dmep_removal(torch.tensor(removal["shares"]), tuner.kept(), list(tuner.modules), removal["threshold"])
+            fig.savefig(tmp / "dmep_removal.png", dpi=110, bbox_inches="tight"); plt.close(fig)
     metrics = {"method": args.method, "steps": args.max_steps, "final_loss": losses[-1] if losses else None,
                "trainable": tuner.num_trainable(), "trainable_share": result["share"], "losses": losses,
                "cycles": [{"step": r.step, "tau_p": r.tau_p, "tau_g": r.tau_g, "pruned": int(r.pruned.sum()),
                            "grown": int(r.grown.sum())} for r in history],
-               "ranks": tuner.ranks.tolist() if controller else None, "setting_changes": result.get("changes", [])}
+               "ranks": tuner.ranks.tolist() if args.method in ADAPTER_METHODS else None,
+               "setting_changes": result.get("changes", [])}
+    if args.method == "dmep":
+        metrics["removal"] = {k: v for k, v in (controller.history or [{}])[0].items() if k != "shares"}
     saved["metrics"] = atomic_write_json(metrics, out / "metrics.json")
     return saved

@@ -283,3 +283,30 @@ def test_state_dict_resumes_after_removal_with_the_optimizer(dense):
     full = attach_dmep(load_nano_dense()[0])
     with pytest.raises(EPnGError, match="saved experts"):      # a removed expert cannot come back
         handle.load_state_dict(full.state_dict())
+
+
+def test_epng_train_runs_dmep_and_resumes_exactly(tmp_path, monkeypatch):
+    "`epng train --method dmep` on the nano dense model: removal after T_w steps, and resumes before or after it are the run."
+    import sys
+    from safetensors.torch import load_file
+    from epng.train import TrainArgs, train
+    settings = dict(method="dmep", max_steps=9, warmup_steps=4, limit=48, batch_size=4)
+    full = train(TrainArgs(**settings, save_steps=3, output_dir=str(tmp_path / "full")), progress=False)
+    removal = json.loads((tmp_path / "full" / "metrics.json").read_text())["removal"]
+    assert removal["step"] == 4 and removal["trainable_after"] < removal["trainable_before"]
+    assert full["share"] == full["tuner"].num_trainable() / base_parameter_count(full["model"])
+    weights = lambda run: load_file(tmp_path / run / "adapter" / "dmep_adapter.safetensors")
+    for stop in (3, 6):                                  # before and after the removal
+        resumed = train(TrainArgs(**settings, output_dir=str(tmp_path / f"from{stop}"),
+                                  resume=str(tmp_path / "full" / f"checkpoint-{stop}")), progress=False)
+        assert resumed["losses"] == full["losses"], stop
+        ours, theirs = weights(f"from{stop}"), weights("full")
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), stop
+    model, _ = load_nano_dense()
+    reloaded = load_dmep(model, tmp_path / "full" / "adapter")
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    full["model"].eval(); reloaded.model.eval()
+    with torch.no_grad(): assert torch.equal(reloaded.model(input_ids=ids).logits, full["model"](input_ids=ids).logits)
+    monkeypatch.setattr(sys.modules["epng.train"], "init_processes", lambda timeout: (0, 2, torch.device("cpu")))
+    with pytest.raises(EPnGError, match="dmep runs in one process"):
+        train(TrainArgs(**settings, output_dir=str(tmp_path / "two")), progress=False)
