@@ -12,6 +12,7 @@ from .compat import grouped_linear, experts_implementation, set_experts_implemen
 from .moe import EPnGError, UnsupportedExpertsError, MoELayer, find_moe_layers, count_parameters
 from .gates import GateCollector
 from .lora import EPNG_IMPLEMENTATION, expert_offsets, lora_dtype
+from .handle import merge_into, spend, spent_attribute
 from fastcore.basics import patch
 
 # %% auto #0
@@ -151,7 +152,10 @@ class ESFTHandle:
         self.model, self.layers, self.deltas, self.selected = model, layers, deltas, selected
         self.base_implementation = base_implementation
 
+    __getattr__ = spent_attribute   # after merge_and_unload every use raises HandleSpentError (notebook 10)
+
     def __repr__(self):
+        if "_spent" in self.__dict__: return "ESFTHandle(spent: merged into its model by merge_and_unload)"
         return (f"ESFTHandle({len(self.layers)} MoE layers × {self.selected.shape[1]} experts, "
                 f"{int(self.selected.sum())} selected, trainable={self.num_trainable():,})")
 
@@ -184,16 +188,20 @@ def load_state_dict(self: ESFTHandle, state: Mapping) -> None:
     for layer, delta in self.deltas.items():
         delta.load_state_dict({k: state[f"{layer}.{k}"] for k in ("gate_up", "down")})
 
+def _merge_esft_layer(layer: MoELayer) -> None:
+    if hasattr(layer.experts, "epng_esft"): merge_expert_delta(layer)   # layers with no selected expert have none
+
 @patch
 def merged_model(self: ESFTHandle) -> nn.Module:
-    "A copy of the model with every delta merged into the fused expert weights: plain transformers, no epng code needed."
-    merged = copy.deepcopy(self.model)
-    layers = find_moe_layers(merged)
-    for layer in layers:
-        if hasattr(layer.experts, "epng_esft"): merge_expert_delta(layer)
-    set_experts_implementation(merged, layers, self.base_implementation or "grouped_mm")
-    merged.requires_grad_(True)
-    return merged
+    "A merged copy of the model (plain transformers) and the handle keeps training: needs memory for two models."
+    return merge_into(copy.deepcopy(self.model), _merge_esft_layer, self.base_implementation)
+
+@patch
+def merge_and_unload(self: ESFTHandle) -> nn.Module:
+    "Merge every delta into the model's own expert weights, take epng off it and return it; the handle is spent."
+    model = merge_into(self.model, _merge_esft_layer, self.base_implementation)
+    spend(self)
+    return model
 
 # %% ../nbs/11a_baselines.ipynb #f8cf82f9
 def attach_esft(model: nn.Module, selected) -> ESFTHandle:
@@ -229,6 +237,10 @@ class FullFineTuning:
 
     def merged_model(self) -> nn.Module:
         "The model itself: full fine-tuning has nothing to merge."
+        return self.model
+
+    def merge_and_unload(self) -> nn.Module:
+        "The model itself, as `merged_model()` (the adapter handles' in-place merge)."
         return self.model
 
 def attach_fft(model: nn.Module) -> FullFineTuning:

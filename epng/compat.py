@@ -11,7 +11,7 @@ if TYPE_CHECKING: import torch; from torch import nn   # annotations only: impor
 # %% auto #0
 __all__ = ['RENAMED_KNOBS', 'moved_names', 'renamed_keywords', 'renamed_arguments', 'renamed_attribute',
            'grouped_experts_forward', 'grouped_linear', 'apply_gate', 'register_experts_function',
-           'experts_implementation', 'set_experts_implementation']
+           'experts_implementation', 'set_experts_implementation', 'checkpoint_layout', 'without_tied']
 
 # %% ../nbs/00a_compat.ipynb #8c06f317
 # the prune-and-grow knobs of `EPnGConfig` and `TrainArgs` (notebooks 06, 12), renamed in 0.2 for what they do
@@ -87,3 +87,14 @@ def set_experts_implementation(model: nn.Module, layers, name: str) -> None:
     if hasattr(model, "set_experts_implementation"): model.set_experts_implementation(name)
     else:
         for layer in layers: layer.experts.config._experts_implementation = name
+
+# %% ../nbs/00a_compat.ipynb #e3c85c9b
+def checkpoint_layout(model: nn.Module, state: dict) -> dict:
+    "`state` (some of `model`'s tensors) in the layout and names of the checkpoint it was loaded from."
+    from transformers.core_model_loading import revert_weight_conversion
+    return revert_weight_conversion(model, state)
+
+def without_tied(state: dict, model: nn.Module) -> dict:
+    "`state` less the tensors `model` ties to others (saved once, as `save_pretrained` does)."
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    return remove_tied_weights_from_state_dict(state, model)

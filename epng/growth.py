@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from .moe import EPnGError
-from .lora import ExpertLoRA, kaiming_rows, rank_limit_of, set_rows, whole
+from .lora import ExpertLoRA, FlatShard, is_zero3, kaiming_rows, rank_limit_of, set_rows, values_here, whole
 from .compat import moved_names
 
 # %% auto #0
-__all__ = ['project_off_live_rows', 'zero_slots', 'rank_limit', 'prune_experts', 'grow_experts']
+__all__ = ['project_off_live_rows', 'row_holders', 'zero_slots', 'rank_limit', 'prune_experts', 'grow_experts']
 
 # %% ../nbs/09_growth.ipynb #1f53ded1
 def project_off_live_rows(a: torch.Tensor, ranks: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -27,12 +27,45 @@ def _optimizer_tensors(optimizer, param: nn.Parameter) -> dict:
     if optimizer is None: return {}
     return {k: v for k, v in optimizer.state.get(param, {}).items() if torch.is_tensor(v) and v.shape == param.shape}
 
+def row_holders(param: nn.Parameter, optimizer=None, state: bool = True) -> list:
+    "What holds rows of `param` in this process: its values, then (`state`) its gradient and optimizer state."
+    if is_zero3(param): return _zero3_pieces(param, state)
+    if not state: return [param.data]
+    return [t for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()] if t is not None]
+
 @torch.no_grad()
 def zero_slots(lora: ExpertLoRA, slots: list[int], optimizer=None) -> None:
     "Zero the listed slots (rows of every A and B): factors, gradients and optimizer state."
     for param in lora.parameters():
-        for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()]:
-            if t is not None: set_rows(t, slots)
+        for t in row_holders(param, optimizer): set_rows(t, slots)
+
+# %% ../nbs/09_growth.ipynb #73e2aec2
+def _zero3_pieces(param: nn.Parameter, state: bool = True) -> list:
+    "`row_holders` of a ZeRO-3 parameter: its piece, DeepSpeed's fp32 copy of it and (`state`) the moments beside it."
+    here = values_here(param)
+    found = [(param.data, None)] if param.data.shape == param.ds_shape else []   # gathered now (small ones stay so)
+    if hasattr(param, "_z3_optimizer") and param.requires_grad: found += _zero3_optimizer_pieces(param, state)
+    pieces, seen = [here], {here.local.data_ptr()}
+    for local, save in found:
+        if local.data_ptr() in seen: continue                     # the same memory: edit it once
+        seen.add(local.data_ptr())
+        pieces.append(local if save is None else FlatShard(local, here.start, here.shape, here.group, save))
+    return pieces
+
+def _zero3_optimizer_pieces(param: nn.Parameter, state: bool) -> list:
+    "DeepSpeed's fp32 copy of `param`'s piece and (`state`) the moments beside it: `(local, write back)` pairs."
+    try: from deepspeed.utils import (safe_get_local_fp32_param, safe_get_local_optimizer_state,
+                                      safe_set_local_fp32_param, safe_set_local_optimizer_state)
+    except ImportError: raise EPnGError("this parameter was partitioned by DeepSpeed ZeRO-3, but deepspeed does not "
+                                        "import here: install it (pip install deepspeed).") from None
+    found = [(safe_get_local_fp32_param(param), lambda v: safe_set_local_fp32_param(param, v))]
+    inner = getattr(param._z3_optimizer, "optimizer", None)     # the torch optimizer stepping on the flat fp32 pieces
+    keys = sorted({k for s in getattr(inner, "state", {}).values() for k, v in s.items() if torch.is_tensor(v) and v.dim()})
+    for key in keys if state else []:
+        try: found.append((safe_get_local_optimizer_state(param, key),
+                           lambda v, key=key: safe_set_local_optimizer_state(param, v, key)))
+        except KeyError: pass                                     # before the first step: no moments yet
+    return found
 
 # %% ../nbs/09_growth.ipynb #4ccbbf56
 def rank_limit(lora: ExpertLoRA) -> int:
@@ -62,9 +95,8 @@ def _take_free_slots(lora: ExpertLoRA, ns: list[int]) -> list[list[int]]:
 def _move_slots(lora: ExpertLoRA, src: list[int], dst: list[int], cleared: list[int], optimizer=None) -> None:
     "Rows `src` → `dst` in the factors, their gradients and optimizer state; the rest of `cleared` zeroed."
     for param in lora.parameters():
-        for t in [param.data, param.grad, *_optimizer_tensors(optimizer, param).values()]:
-            if t is None: continue
-            rows = whole(t)[torch.tensor(src, dtype=torch.long, device=t.device)]   # read before anything is overwritten
+        for t in row_holders(param, optimizer):
+            rows = whole(t)[src]                                   # read before anything is overwritten
             set_rows(t, cleared)
             set_rows(t, dst, rows)
 
@@ -89,14 +121,14 @@ def grow_experts(lora: ExpertLoRA, experts: list[int], ns: list[int], optimizer=
     drawn = {t: [] for t in lora.shapes}   # expert by expert, target by target: the order a resumed run repeats
     for n in ns:
         for t in lora.shapes:
-            drawn[t].append(kaiming_rows(n, lora.A[t].shape[1], device=device, generator=generator))
+            drawn[t].append(kaiming_rows(n, lora.shapes[t][0], device=device, generator=generator))
     existing = torch.tensor([s[:r] + [0] * (old - r) for s, r in zip(together, starts)], device=device)  # (G, old)
     starts_t = torch.tensor(starts, device=device)
     new_rows = torch.arange(width, device=device) < torch.tensor(ns, device=device)[:, None]   # (G, width)
     for t in lora.shapes:
         new = torch.stack([nn.functional.pad(d, (0, 0, 0, width - d.shape[0])) for d in drawn[t]])  # (G, width, in)
-        a = lora.A[t].data
-        set_rows(a, flat, project_off_live_rows(whole(a)[existing], starts_t, new)[new_rows])
+        rows = project_off_live_rows(whole(lora.A[t])[existing], starts_t, new)[new_rows]
+        for a in row_holders(lora.A[t], state=False): set_rows(a, flat, rows)   # every copy of the values
     lora.slot_owner[torch.tensor([s for slots in together for s in slots], dtype=torch.long, device=device)] = \
         torch.tensor([e for e, slots in zip(experts, together) for _ in slots], device=device)   # ranks follow
     lora._layout = None

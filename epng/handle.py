@@ -4,7 +4,8 @@
 
 # %% ../nbs/10_handle.ipynb #88a4d95f
 from __future__ import annotations
-import copy
+import copy, json, os, re
+from pathlib import Path
 import torch
 from torch import nn
 from fastcore.basics import patch
@@ -14,11 +15,13 @@ from .importance import ExpertImportance
 from .config import EPnGConfig
 from .selection import CyclePlan, plan_cycle
 from .lora import ExpertLoRA, install_expert_lora, merge_expert_lora
-from .compat import experts_implementation, set_experts_implementation
+from .compat import checkpoint_layout, experts_implementation, set_experts_implementation, without_tied
 from .growth import grow_experts, prune_experts, rank_limit
+from .io import atomic_dir
 
 # %% auto #0
-__all__ = ['EPnGHandle', 'attach']
+__all__ = ['EPnGHandle', 'merge_into', 'attach', 'HandleSpentError', 'spend', 'spent_attribute', 'layer_groups', 'save_streaming',
+           'save_merged']
 
 # %% ../nbs/10_handle.ipynb #b56ff187
 class EPnGHandle:
@@ -32,6 +35,7 @@ class EPnGHandle:
         self.budget = int(self.ranks.sum())
 
     def __repr__(self):
+        if "_spent" in self.__dict__: return "EPnGHandle(spent: merged into its model by merge_and_unload)"
         return (f"EPnGHandle({len(self.layers)} MoE layers × {self.layers[0].num_experts} experts, "
                 f"targets={list(self.config.targets)}, ranks {self.ranks.min()}..{self.ranks.max()} "
                 f"(budget {self.budget}), trainable={self.num_trainable():,})")
@@ -128,18 +132,22 @@ def cycle(self: EPnGHandle, generator: torch.Generator | None = None, **plan_kwa
     return plan
 
 # %% ../nbs/10_handle.ipynb #d98df439
+def merge_into(model: nn.Module, merge_layer, implementation: str | None) -> nn.Module:
+    "Merge each MoE layer of `model` in place with `merge_layer`, run its experts with `implementation` again: plain transformers."
+    layers = find_moe_layers(model)
+    for layer in layers: merge_layer(layer)
+    set_experts_implementation(model, layers, implementation or "grouped_mm")
+    model.requires_grad_(True)
+    return model
+
 @patch
 def merged_model(self: EPnGHandle) -> nn.Module:
-    "A copy of the model with every ΔW merged into the expert weights: plain transformers, no epng code needed."
+    "A merged copy of the model (plain transformers) and the handle keeps training: needs memory for two models."
     self.collector.remove()
     try: merged = copy.deepcopy(self.model)
     finally: self.collector = GateCollector(self.model, self.layers, self.importance.add,
                                            importance=self.config.importance)
-    layers = find_moe_layers(merged)
-    for layer in layers: merge_expert_lora(layer)
-    set_experts_implementation(merged, layers, self.base_implementation or "grouped_mm")
-    merged.requires_grad_(True)
-    return merged
+    return merge_into(merged, merge_expert_lora, self.base_implementation)
 
 # %% ../nbs/10_handle.ipynb #b03e1e12
 def attach(model: nn.Module, config: EPnGConfig | None = None) -> EPnGHandle:
@@ -155,3 +163,86 @@ def attach(model: nn.Module, config: EPnGConfig | None = None) -> EPnGHandle:
                         f"({min(layers[0].hidden_size, layers[0].intermediate_size)}): lower EPnGConfig.rank.")
     base = experts_implementation(model)
     return EPnGHandle(model, layers, install_expert_lora(model, layers, config), config, base)
+
+# %% ../nbs/10_handle.ipynb #b58082d3
+class HandleSpentError(EPnGError, AttributeError):
+    "A handle used after `merge_and_unload()`: its adapters are the model's own weights now."
+
+def spend(handle) -> None:
+    "Empty `handle` after `merge_and_unload()`: from now on every attribute it looks up raises `HandleSpentError`."
+    handle.__dict__.clear()
+    handle.__dict__["_spent"] = True
+
+def spent_attribute(self, name: str):
+    "A handle's `__getattr__`: reached only for attributes it lacks, which after `spend` is every one."
+    if "_spent" in self.__dict__:
+        raise HandleSpentError(f"this {type(self).__name__} was merged into its model by merge_and_unload(), so it has "
+                               f"no adapters any more (asked for {name!r}): attach a new handle to the returned model "
+                               "to train again.")
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+EPnGHandle.__getattr__ = spent_attribute
+
+# %% ../nbs/10_handle.ipynb #9c8cf5a7
+@patch
+def merge_and_unload(self: EPnGHandle) -> nn.Module:
+    "Merge every ΔW into the model's own expert weights, take epng off it and return it; the handle is spent."
+    model = self.model
+    self.collector.remove()
+    merge_into(model, merge_expert_lora, self.base_implementation)
+    spend(self)
+    return model
+
+# %% ../nbs/10_handle.ipynb #df4b1a4f
+def layer_groups(names) -> dict[str, list[str]]:
+    "State-dict `names` grouped by decoder layer (the prefix up to `layers.N`); the rest (embeddings, head) under ''."
+    groups = {}
+    for name in names:
+        m = re.match(r"(.*?\blayers\.\d+)\.", name)
+        groups.setdefault(m.group(1) if m else "", []).append(name)
+    return groups
+
+# %% ../nbs/10_handle.ipynb #6e3ad4c5
+def _write_shards(shards: list[dict], tmp: Path) -> None:
+    "Name the written shards as `save_pretrained` does and write the index of a sharded checkpoint."
+    if len(shards) == 1: return os.replace(tmp / shards[0]["file"], tmp / "model.safetensors")
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards, 1):
+        name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(tmp / shard["file"], tmp / name)
+        weight_map.update(dict.fromkeys(shard["names"], name)); total += shard["bytes"]
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+# %% ../nbs/10_handle.ipynb #fad0a21d
+@torch.no_grad()
+def save_streaming(model: nn.Module, folder, max_shard_size: int | str = "1GB") -> Path:
+    "`model.save_pretrained(folder)`, converting one decoder layer at a time: memory ≈ the model + a layer + a shard."
+    from safetensors.torch import save_file
+    from transformers.utils.hub import convert_file_size_to_int
+    limit, state = convert_file_size_to_int(max_shard_size), without_tied(model.state_dict(), model)   # views: no copy
+    with atomic_dir(folder) as tmp:
+        model.config.dtype = str(model.dtype).split(".")[1]; model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        if model.can_generate(): model.generation_config.save_pretrained(tmp)
+        shards, shard, size = [], {}, 0
+        def flush():
+            nonlocal size
+            if not shard: return
+            shards.append(dict(file=f"part-{len(shards)}.safetensors", names=list(shard), bytes=size))
+            save_file({k: t.contiguous() for k, t in shard.items()}, tmp / shards[-1]["file"], metadata={"format": "pt"})
+            shard.clear(); size = 0
+        for names in layer_groups(state).values():      # a conversion never spans two decoder layers
+            for name, t in checkpoint_layout(model, {n: state[n] for n in names}).items():
+                if shard and size + t.numel() * t.element_size() > limit: flush()
+                shard[name] = t; size += t.numel() * t.element_size()
+        flush()
+        _write_shards(shards, tmp)
+    return Path(folder)
+
+# %% ../nbs/10_handle.ipynb #aa0cddc8
+def save_merged(handle, folder, max_shard_size: int | str = "1GB") -> nn.Module:
+    "`handle.merge_and_unload()` then `save_streaming` to `folder`; returns the merged model (the handle is spent)."
+    model = handle.merge_and_unload()
+    save_streaming(model, folder, max_shard_size)
+    return model

@@ -282,11 +282,7 @@ def unreachable_state(args) -> str | None:
     return None
 
 def prepare_zero3(handle: EPnGHandle) -> None:
-    "Before DeepSpeed ZeRO-3 wraps the model: gather each experts module with its LoRA factors, reduce them in order."
-    try: from deepspeed.utils import set_z3_leaf_module
-    except ImportError: raise EPnGError("DeepSpeed ZeRO-3 was chosen, but deepspeed does not import here: install it "
-                                        "(pip install deepspeed).") from None
-    for layer in handle.layers: set_z3_leaf_module(layer.experts, True)   # the experts function reads epng_lora's factors
+    "Before DeepSpeed ZeRO-3 wraps the model: make its input embeddings require gradients, for MoE blocks made leaves."
     handle.model.enable_input_require_grads()   # a leaf's gradients are reduced once its inputs' gradients are done
 
 # %% ../nbs/11_loop.ipynb #1c174b44

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math, warnings
 from dataclasses import dataclass
 import torch
+import torch.distributed as dist
 from torch import nn
 from fastcore.basics import patch
 from .compat import (apply_gate, grouped_experts_forward, grouped_linear, register_experts_function,
@@ -15,9 +16,9 @@ from .moe import MoELayer, EPnGError
 
 # %% auto #0
 __all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'rank_limit_of', 'layer_slots', 'ExpertLoRA',
-           'rows_here', 'whole', 'set_rows', 'owners_agree', 'expert_offsets', 'SlotGroup', 'SlotLayout',
-           'AddIntoColumns', 'epng_experts_forward', 'lora_dtype', 'install_expert_lora', 'merge_expert_lora',
-           'block_diagonal']
+           'rows_here', 'FlatShard', 'is_zero3', 'values_here', 'whole', 'set_rows', 'owners_agree', 'expert_offsets',
+           'SlotGroup', 'SlotLayout', 'AddIntoColumns', 'epng_experts_forward', 'lora_dtype', 'install_expert_lora',
+           'merge_expert_lora', 'block_diagonal']
 
 # %% ../nbs/08_lora.ipynb #e0ea4f78
 def kaiming_rows(*shape: int, dtype=torch.float32, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -110,18 +111,56 @@ def rows_here(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     n, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
     return t.to_local(), min(rank * -(-n // world), n)   # FSDP2 gives each process ⌈n / world⌉ rows, the last fewer
 
-def whole(t: torch.Tensor) -> torch.Tensor:
-    "Every row of `t`: gathered from all processes when it is sharded."
+# %% ../nbs/08_lora.ipynb #6d780830
+@dataclass
+class FlatShard:
+    "Elements [start, start + local.numel()) of the flattened tensor of `shape`: the piece this process holds."
+    local: torch.Tensor    # 1-D; the last process's piece is padded past the tensor's end
+    start: int
+    shape: tuple
+    group: object = None   # the processes holding the other pieces (None: all)
+    save: object = None    # called with `local` after a write, when `local` is a copy of where the piece lives
+
+def is_zero3(p) -> bool:
+    "Is `p` a parameter that DeepSpeed ZeRO-3 partitioned (its piece in `p.ds_tensor`, `p.data` empty between uses)?"
+    return hasattr(p, "ds_tensor") and hasattr(p, "ds_shape")
+
+def values_here(p):
+    "What holds parameter `p`'s values in this process: its `FlatShard` under ZeRO-3, else `p.data`."
+    if not is_zero3(p): return p.data
+    group = getattr(p, "ds_process_group", None)
+    return FlatShard(p.ds_tensor, p.ds_tensor.ds_numel * dist.get_rank(group), tuple(p.ds_shape), group)
+
+# %% ../nbs/08_lora.ipynb #02f22f6e
+def whole(t) -> torch.Tensor:
+    "Every row of `t` (a tensor, a ZeRO-3 parameter or a `FlatShard`): gathered from all processes when it is sharded."
+    if is_zero3(t): t = values_here(t)
+    if isinstance(t, FlatShard):
+        pieces = [torch.empty_like(t.local) for _ in range(dist.get_world_size(t.group))]
+        dist.all_gather(pieces, t.local.contiguous(), group=t.group)
+        return torch.cat(pieces)[:math.prod(t.shape)].view(t.shape)
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 @torch.no_grad()
-def set_rows(t: torch.Tensor, rows: list[int], values: torch.Tensor | None = None) -> None:
+def set_rows(t, rows: list[int], values: torch.Tensor | None = None) -> None:
     "Rows `rows` (global indices) of `t` ← `values` (one row each; None: zeros), wherever they are held."
+    if is_zero3(t): t = values_here(t)
+    if isinstance(t, FlatShard): return _set_flat_rows(t, rows, values)
     local, start = rows_here(t)
     index = torch.tensor(rows, dtype=torch.long, device=local.device) - start
     here = (index >= 0) & (index < local.shape[0])
     if values is None: local.index_fill_(0, index[here], 0)
     else: local[index[here]] = values.to(local)[here]   # `here` lives where `local` does
+
+def _set_flat_rows(t: FlatShard, rows: list[int], values: torch.Tensor | None) -> None:
+    "`set_rows` on a piece of the flattened tensor: each row's elements, where they fall in the piece."
+    width = math.prod(t.shape[1:])
+    device = t.local.device
+    at = (torch.tensor(rows, dtype=torch.long, device=device)[:, None] * width + torch.arange(width, device=device))
+    at = at.flatten() - t.start
+    here = (at >= 0) & (at < t.local.numel())
+    t.local[at[here]] = 0 if values is None else values.reshape(-1).to(t.local)[here]
+    if t.save is not None: t.save(t.local)
 
 # %% ../nbs/08_lora.ipynb #330e849b
 @patch
@@ -156,7 +195,7 @@ def assign_ranks(self: ExpertLoRA, ranks, slot_owner: torch.Tensor | None = None
                         "or -1 (free), each expert as many slots as its rank.")
     self.slot_owner.copy_(owner)
     free = (owner < 0).nonzero().flatten().tolist()
-    for p in self.parameters(): set_rows(p.data, free)
+    for p in self.parameters(): set_rows(values_here(p), free)
     self._layout = None
 
 @patch

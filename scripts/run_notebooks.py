@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / "nbs"
 DPI = 72  # inline figures: 6x4 inches -> 432x288 px; keeps each notebook small
 QUIET = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-         "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # and TMPDIR, MPLCONFIGDIR, hypothesis: a scratch folder
+         "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # and TMPDIR, MPLCONFIGDIR, hypothesis: a scratch folder
+         "DS_ACCELERATOR": "cpu"}   # DeepSpeed, where installed, otherwise prints to stdout that it found no GPU
 
 
 def skipped_by_nbdev_test(cell, flags: set) -> bool:

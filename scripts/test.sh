@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
 # two notebooks run side by side on two cores: one thread each avoids oversubscription (3-10x slower otherwise)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# the tests run on CPUs; DeepSpeed (a dev requirement) otherwise prints to stdout that it found no GPU
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 
 python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev]"
 # generated code runs only in a bubblewrap sandbox (nbs/14a_sandbox.ipynb): install it where it is missing
