@@ -20,9 +20,9 @@ from .compat import RENAMED_KNOBS, moved_names, renamed_keywords
 # %% auto #0
 __all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'FORMAT_VERSION', 'MAX_ADAPTER_JSON_BYTES', 'live_slots', 'padded_factors',
            'moe_shapes', 'moe_fingerprint', 'adapter_tensors', 'adapter_metadata', 'save_adapter', 'write_adapter',
-           'InvalidAdapterError', 'check_adapter_metadata', 'check_adapter_tensors', 'read_adapter',
-           'check_adapter_fits', 'check_adapter_config', 'restore_adapter', 'load_adapter', 'load_adapter_into',
-           'to_peft_layout', 'from_peft_layout', 'peft_factors', 'peft_lora_config', 'export_peft']
+           'InvalidAdapterError', 'check_adapter_metadata', 'check_adapter_tensors', 'read_expected_tensors',
+           'read_adapter', 'check_adapter_fits', 'check_adapter_config', 'restore_adapter', 'load_adapter',
+           'load_adapter_into', 'to_peft_layout', 'from_peft_layout', 'peft_factors', 'peft_lora_config', 'export_peft']
 
 # %% ../nbs/10a_checkpoint.ipynb #4a69fff1
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "epng_adapter.safetensors", "epng_adapter.json"
@@ -211,10 +211,10 @@ def _expected_tensors(metadata: dict) -> dict:
     expected["importance.sums"], expected["importance.counts"] = ((L, E), "F32"), ((L,), "F32")
     return expected
 
-def _check_names(expected: dict, names: set, where) -> None:
+def _check_names(expected: dict, names: set, where, bad=_bad) -> None:
     missing, surprise = sorted(set(expected) - names), sorted(names - set(expected))
     problems = ([f"tensors missing: {missing[:5]}"] if missing else []) + ([f"tensors not expected: {surprise[:5]}"] if surprise else [])
-    if problems: raise _bad(where, "; ".join(problems))
+    if problems: raise bad(where, "; ".join(problems))
 
 def check_adapter_tensors(metadata: dict, tensors: dict, where="the adapter") -> None:
     "Raise `InvalidAdapterError` unless `tensors` are exactly the ones `metadata` describes, with finite values."
@@ -238,19 +238,25 @@ def check_adapter_tensors(metadata: dict, tensors: dict, where="the adapter") ->
             raise _bad(where, f"{name} holds negative values")
 
 # %% ../nbs/10a_checkpoint.ipynb #2fc3a8c1
-def _read_tensors(file: Path, metadata: dict) -> dict:
-    "The tensors in the safetensors `file`, after its header has been checked against `metadata`."
-    expected, tensors = _expected_tensors(metadata), {}
+def read_expected_tensors(file: Path, expected: dict, bad=_bad) -> dict:
+    """The tensors of the safetensors `file`, read only after its header holds exactly `expected`
+    ({name: (shape, safetensors dtype)}); `bad(where, problem)` makes the error."""
+    tensors = {}
     try:
         with safe_open(file, framework="pt") as f:
-            _check_names(expected, set(f.keys()), file)
+            _check_names(expected, set(f.keys()), file, bad)
             for name, (shape, code) in expected.items():   # shapes and dtypes from the header: no data read yet
                 part = f.get_slice(name)
                 if tuple(part.get_shape()) != shape or part.get_dtype() != code:
-                    raise _bad(file, f"{name} is {part.get_dtype()} {tuple(part.get_shape())}, expected {code} {shape}")
+                    raise bad(file, f"{name} is {part.get_dtype()} {tuple(part.get_shape())}, expected {code} {shape}")
             for name in expected: tensors[name] = f.get_tensor(name)
     except (SafetensorError, OSError) as e:
-        raise _bad(file, f"it is not a readable safetensors file ({e}; empty, cut short or damaged?)") from None
+        raise bad(file, f"it is not a readable safetensors file ({e}; empty, cut short or damaged?)") from None
+    return tensors
+
+def _read_tensors(file: Path, metadata: dict) -> dict:
+    "The tensors in the safetensors `file`, after its header has been checked against `metadata`."
+    tensors = read_expected_tensors(file, _expected_tensors(metadata))
     check_adapter_tensors(metadata, tensors, file)
     return tensors
 

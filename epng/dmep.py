@@ -11,16 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.basics import patch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+from transformers import AutoModelForCausalLM, Qwen3Config
 from .moe import EPnGError
 from .data import byte_tokenizer, byte_model_ids
 from .samples import nano_corpus
-from .nano import pack_corpus, lr_at
+from .nano import load_local, pack_corpus, lr_at
 from .io import JSONFileError, atomic_dir, read_json, write_safetensors
 from .lora import lora_dtype
-from .checkpoint import InvalidAdapterError
+from .checkpoint import InvalidAdapterError, read_expected_tensors
 
 # %% auto #0
 __all__ = ['NANO_DENSE_DIR', 'NANO_DENSE_FILES', 'DMEP_TARGETS', 'DMEP_AUX_COEF', 'DMEP_WEIGHTS', 'DMEP_CONFIG',
@@ -81,10 +80,7 @@ def nano_dense_path() -> Path:
 def load_nano_dense(path=None, dtype=torch.float32):
     "`(model, tokenizer)` of the shipped nano dense model (or a folder `pretrain_nano_dense` wrote), loaded offline."
     path = Path(path or nano_dense_path())
-    if not (path / "config.json").exists():
-        raise EPnGError(f"no nano dense model in {path}: run pretrain_nano_dense({str(path)!r}) (notebook 11c) to create it.")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return load_local(path, dtype, "nano dense model", f"pretrain_nano_dense({str(path)!r}) (notebook 11c)")
 
 # %% ../nbs/11c_dmep.ipynb #5830399b
 DMEP_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -399,19 +395,8 @@ def read_dmep(path) -> tuple[dict, dict]:
     try: meta = read_json(path / DMEP_CONFIG, MAX_DMEP_JSON_BYTES, "DMEP adapter's JSON")
     except JSONFileError as e: raise _bad(path / DMEP_CONFIG, "it " + e.reason) from None
     check_dmep_metadata(meta, path / DMEP_CONFIG)
-    expected, file, tensors = _expected(meta), path / DMEP_WEIGHTS, {}
-    try:
-        with safe_open(file, framework="pt") as f:
-            names = set(f.keys())
-            if names != set(expected):
-                raise _bad(file, f"tensors missing: {sorted(set(expected) - names)[:4]}, not expected: {sorted(names - set(expected))[:4]}")
-            for name, (shape, code) in expected.items():   # from the header: nothing read yet
-                part = f.get_slice(name)
-                if tuple(part.get_shape()) != shape or part.get_dtype() != code:
-                    raise _bad(file, f"{name} is {part.get_dtype()} {tuple(part.get_shape())}, expected {code} {shape}")
-            for name in expected: tensors[name] = f.get_tensor(name)
-    except (SafetensorError, OSError) as e:
-        raise _bad(file, f"it is not a readable safetensors file ({e}; empty, cut short or damaged?)") from None
+    file = path / DMEP_WEIGHTS
+    tensors = read_expected_tensors(file, _expected(meta), _bad)   # the header checked before any data is read
     for name, t in tensors.items():
         if name.endswith(".expert_ids"):
             if t.tolist() != meta["modules"][name.removesuffix(".expert_ids")]["experts"]:

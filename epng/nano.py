@@ -17,7 +17,8 @@ from .io import atomic_dir
 from .compat import moved_names
 
 # %% auto #0
-__all__ = ['NANO_MODEL_DIR', 'NANO_FILES', 'nano_config', 'pack_corpus', 'lr_at', 'pretrain_nano', 'nano_model_path', 'load_nano']
+__all__ = ['NANO_MODEL_DIR', 'NANO_FILES', 'nano_config', 'pack_corpus', 'lr_at', 'pretrain_nano', 'nano_model_path',
+           'load_local', 'load_nano']
 
 # %% ../nbs/03_nano.ipynb #5c9ca03f
 def nano_config(**overrides):
@@ -92,13 +93,17 @@ def nano_model_path() -> Path:
     "The folder of the nano model shipped inside the package."
     return Path(str(resources.files("epng") / NANO_MODEL_DIR))  # works from notebooks too (no __file__ there)
 
+def load_local(path: Path, dtype, what: str, maker: str):
+    "`(model, tokenizer)` of the model folder `path`, offline with `from_pretrained`; a missing one: run `maker`."
+    if not (path / "config.json").exists():
+        raise EPnGError(f"no {what} in {path}: run {maker} to create it.")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
 def load_nano(path=None, dtype=torch.float32):
     "`(model, tokenizer)` of the shipped nano model (or a folder `pretrain_nano` wrote), loaded offline with `from_pretrained`."
     path = Path(path or nano_model_path())
-    if not (path / "config.json").exists():
-        raise EPnGError(f"no nano model in {path}: run pretrain_nano({str(path)!r}) (notebook 03_nano) to create it.")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return load_local(path, dtype, "nano model", f"pretrain_nano({str(path)!r}) (notebook 03_nano)")
 
 # %% ../nbs/03_nano.ipynb #dac898dc
 __getattr__ = moved_names(__name__, {  # names that left this module in 0.2: they answer, with a warning
