@@ -252,6 +252,12 @@ def test_epng_train_under_fsdp2_matches_one_process_and_resumes_exactly(tmp_path
             torch.testing.assert_close(resumed[name], t, rtol=1e-6, atol=0); continue
         assert torch.equal(resumed[name], t), name                                  # the resumed run is the run
         assert (t - single[name]).abs().max() <= 1e-4, name                         # float32 noise, AdamW-grown
+    halves = train(TrainArgs(max_steps=8, warmup_steps=2, cycle_interval=3, limit=32, rank=4, batch_size=2, grad_accum=2,
+                             output_dir=str(tmp_path / "halves")), progress=False)      # the two halves, summed in order
+    assert halves["tuner"].ranks.tolist() == metrics["run"]["ranks"]
+    summed = load_file(tmp_path / "halves" / "adapter" / "epng_adapter.safetensors")
+    for name, t in run.items():
+        if not name.startswith("importance."): assert (t - summed[name]).abs().max() <= 1e-6, name
     mean = lambda a: a["importance.sums"] / a["importance.counts"][:, None]         # saved: the mean over processes
     torch.testing.assert_close(mean(run), mean(single), rtol=1e-5, atol=1e-7)
 

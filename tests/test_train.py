@@ -129,6 +129,13 @@ def test_two_processes_end_with_identical_ranks_and_factors(tmp_path):
     print(f"largest factor difference, one process against two: {gap:.2e}")
     assert gap <= 5e-5          # float32 sums in another order, grown by AdamW where gradients are tiny (measured 9e-6)
     assert one["losses"] == pytest.approx(p0["losses"], rel=1e-6)
+    # one process summing the same two halves in the same order (grad_accum 2) ends where the two did, to 1e-6
+    halves = train(TrainArgs(**{**SMALL, "batch_size": 2, "grad_accum": 2}, output_dir=str(tmp_path / "halves")),
+                   progress=False)
+    assert halves["tuner"].ranks.equal(p0["ranks"])
+    tight = max((a.detach() - b).abs().max().item() for a, b in zip(halves["tuner"].parameters(), p0["factors"]))
+    print(f"largest factor difference, one process summing the halves against two: {tight:.2e}")
+    assert tight <= 1e-6
     # step 1's loss is the token mean over both processes' rows, not the mean of their two means
     args = TrainArgs(**{**SMALL, "batch_size": 2}).resolved()
     model, tok = load_model_and_tokenizer("embedded")
