@@ -11,11 +11,13 @@ from .gates import IMPORTANCE
 from .compat import RENAMED_KNOBS, renamed_arguments, renamed_attribute
 
 # %% auto #0
-__all__ = ['MAX_LORA_ALPHA', 'MAX_LAYER_CAPACITY', 'EPnGConfig', 'config_problems']
+__all__ = ['MAX_LORA_ALPHA', 'MAX_LAYER_CAPACITY', 'THRESHOLDS', 'ROUTER_AUX_LOSS', 'EPnGConfig', 'config_problems']
 
 # %% ../nbs/06_config.ipynb #522f8425
 MAX_LORA_ALPHA = 1e4  # LoRA's alpha is a small multiple of the rank; past this the scaled factors overflow bf16
 MAX_LAYER_CAPACITY = 64  # a layer holding 64× its share of the budget is far past any real run; memory grows with it
+THRESHOLDS = ("global", "layer")                 # over all experts (the paper), or within each MoE layer (DMEP)
+ROUTER_AUX_LOSS = ("off", "warmup", "on")        # the router's balancing loss: never, until the first prune (DMEP), always
 
 @dataclass
 class EPnGConfig:
@@ -31,6 +33,8 @@ class EPnGConfig:
     max_rank: int | None = None                  # optional cap on one expert's rank
     importance: str = "gate"                     # how p̄ reads the router (notebook 04): 'gate', 'selection', 'weight'
     layer_capacity: float = 2.0                  # rank slots each MoE layer stores, × its share E·rank of the budget
+    thresholds: str = "global"                   # τ_p, τ_g over all experts (paper) or 'layer': each layer its own
+    router_aux_loss: str = "off"                 # the model's router balancing loss: 'off', 'warmup' (DMEP) or 'on'
 
     def __post_init__(self):
         self.targets = check_targets(self.targets)
@@ -68,6 +72,11 @@ def config_problems(c: EPnGConfig) -> list[str]:
         (real(c.layer_capacity) and 1 <= c.layer_capacity <= MAX_LAYER_CAPACITY,
          f"layer_capacity must be a number in [1, {MAX_LAYER_CAPACITY}] (1: a layer never holds more ranks than it "
          f"starts with), got {c.layer_capacity!r}"),
+        (isinstance(c.thresholds, str) and c.thresholds in THRESHOLDS,
+         f"thresholds must be one of {THRESHOLDS} ('global': over all experts, the paper's; 'layer': within each MoE "
+         f"layer), got {c.thresholds!r}"),
+        (isinstance(c.router_aux_loss, str) and c.router_aux_loss in ROUTER_AUX_LOSS,
+         f"router_aux_loss must be one of {ROUTER_AUX_LOSS} ('warmup': until the first prune), got {c.router_aux_loss!r}"),
         (isinstance(c.importance, str) and c.importance in IMPORTANCE,
          f"importance must be one of {IMPORTANCE} ('gate': the router's probabilities, the paper's; 'selection': "
          f"how often an expert is chosen; 'weight': the routing weight it gets), got {c.importance!r}"),

@@ -103,7 +103,7 @@ def plan(self: EPnGHandle, prune: bool = True, grow: bool = True, delta: int | N
     "This cycle's plan from the importance gathered so far (nothing is changed)."
     return plan_cycle(self.importance.mean(), self.ranks, self.config.prune_ratio, self.config.grow_ratio,
                       max_rank=self.max_rank, prune=prune, grow=grow, delta=delta,
-                      layer_slots=[lora.num_slots for lora in self.loras])
+                      layer_slots=[lora.num_slots for lora in self.loras], per_layer=self.config.thresholds == "layer")
 
 @patch
 def apply(self: EPnGHandle, plan: CyclePlan, generator: torch.Generator | None = None) -> None:

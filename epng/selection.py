@@ -99,10 +99,17 @@ class CyclePlan:
 @renamed_arguments(alpha="prune_ratio", beta="grow_ratio")
 def plan_cycle(importance: torch.Tensor, ranks: torch.Tensor, prune_ratio: float, grow_ratio: float, max_rank: int | None = None,
                prune: bool = True, grow: bool = True, delta: int | None = None,
-               layer_slots: list[int] | None = None) -> CyclePlan:
-    "Plan one EPnG cycle from importance p̄ and current ranks (both layers × experts), each layer within its `layer_slots`."
+               layer_slots: list[int] | None = None, per_layer: bool = False) -> CyclePlan:
+    """Plan one EPnG cycle from importance p̄ and current ranks (both layers × experts), each layer within its
+    `layer_slots`; `per_layer`: every layer plans alone, from its own thresholds (τ_p, τ_g then the extreme ones)."""
     if importance.shape != ranks.shape:
         raise EPnGError(f"importance {tuple(importance.shape)} and ranks {tuple(ranks.shape)} must have the same shape")
+    if per_layer and len(ranks) > 1:
+        plans = [plan_cycle(importance[l:l + 1], ranks[l:l + 1], prune_ratio, grow_ratio, max_rank, prune, grow, delta,
+                            None if layer_slots is None else layer_slots[l:l + 1]) for l in range(len(ranks))]
+        taus = lambda name, pick: pick([getattr(p, name) for p in plans if not math.isnan(getattr(p, name))], default=math.nan)
+        return CyclePlan(torch.cat([p.pruned for p in plans]), torch.cat([p.added for p in plans]),
+                         taus("tau_p", max), taus("tau_g", min), ranks.detach().cpu())
     importance, ranks = importance.detach().float().cpu(), ranks.detach().cpu()
     pruned = select_prune(importance, ranks, prune_ratio) if prune else torch.zeros_like(ranks, dtype=torch.bool)
     order = select_grow(importance, grow_ratio, exclude=pruned) if grow else torch.zeros(0, dtype=torch.long)

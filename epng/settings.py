@@ -26,7 +26,8 @@ NANO_SHAPE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "n
 # out here so that the command line's help needs no torch; checked against them below
 CHOICES = {"method": ("static", "prune_only", "grow_only", "epng", "sieve", "dr_lora", "dmep", "esft", "fft"),
            "dataset_format": ("metamathqa", "codealpaca"), "esft_criterion": ("token", "gate"),
-           "targets": ("gate_proj", "up_proj", "down_proj"), "importance": ("gate", "selection", "weight")}
+           "targets": ("gate_proj", "up_proj", "down_proj"), "importance": ("gate", "selection", "weight"),
+           "thresholds": ("global", "layer"), "router_aux_loss": ("off", "warmup", "on")}
 
 # %% ../nbs/12_settings.ipynb #387cb2fa
 def read_config(folder) -> dict | None:
@@ -81,6 +82,8 @@ class TrainArgs:
     lora_alpha: float = 16               # LoRA's scale: the factors' product is multiplied by lora_alpha / rank
     max_rank: int | None = None          # cap on one expert's rank as it grows; what its projections allow unless given
     layer_capacity: float = 2.0          # rank slots each MoE layer stores, × its share of the budget (grow-only: enough)
+    thresholds: str = "global"           # τ_p, τ_g over all experts (the paper's) or 'layer': within each MoE layer (DMEP's)
+    router_aux_loss: str = "off"         # the router's balancing loss: 'off', 'warmup' (until the first prune) or 'on'
     importance: str = "gate"             # how p̄ reads the router (notebook 04): 'gate' (paper), 'selection', 'weight'
     esft_criterion: str = "token"        # ESFT's expert score: 'token' (selection ratio) or 'gate' (mean gate score)
     esft_top_p: float | None = None      # share of a layer's ESFT score to cover; 0.2 (token) or 0.1 (gate) unless given
@@ -127,7 +130,8 @@ def epng_config(self: TrainArgs):
     config = EPnGConfig(rank=self.rank, targets=self.targets, prune_ratio=self.prune_ratio, grow_ratio=self.grow_ratio,
                         warmup_steps=self.warmup_steps, cycle_interval=self.cycle_interval,
                         importance_decay=self.importance_decay, lora_alpha=self.lora_alpha, max_rank=self.max_rank,
-                        importance=self.importance, layer_capacity=self.layer_capacity)
+                        importance=self.importance, layer_capacity=self.layer_capacity, thresholds=self.thresholds,
+                        router_aux_loss=self.router_aux_loss)
     if self.method == "grow_only":   # the budget grows: at most Δr per expert per cycle
         cycles = len(cycle_steps(self.max_steps, config.warmup_steps, config.cycle_interval))
         config.layer_capacity = min(MAX_LAYER_CAPACITY, max(config.layer_capacity,

@@ -35,8 +35,8 @@ from .compat import RENAMED_KNOBS, renamed_keywords
 
 # %% auto #0
 __all__ = ['MAX_MODEL_JSON_BYTES', 'EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_PLACE_SETTINGS', 'RESUMABLE_DIFFERENCES',
-           'TRAINER_STATE', 'OLD_TRAINER_STATE', 'TUNER_STATE', 'SHARDED', 'SLOTS', 'MOMENTS', 'BUDGET_METHODS',
-           'CONTROLLED', 'MAX_SHARD_FILES', 'IMPLEMENTATION_FLAGS', 'RUN_FILES', 'check_model_files',
+           'TRAINER_STATE', 'OLD_TRAINER_STATE', 'TUNER_STATE', 'SHARDED', 'SLOTS', 'MOMENTS', 'ADDED_SETTINGS',
+           'BUDGET_METHODS', 'CONTROLLED', 'MAX_SHARD_FILES', 'IMPLEMENTATION_FLAGS', 'RUN_FILES', 'check_model_files',
            'load_model_and_tokenizer', 'model_source', 'embedded_rows', 'make_tuner', 'method_share', 'init_processes',
            'bounded_wait', 'distributed', 'shard_model', 'gradient_sync', 'shared_statistics', 'launcher_engine',
            'DamagedCheckpointError', 'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint',
@@ -307,9 +307,11 @@ def save_checkpoint(folder, args: TrainArgs, step: int, tuner, optimizer, schedu
     return Path(folder)
 
 # %% ../nbs/13_train.ipynb #f7709216
+ADDED_SETTINGS = {"thresholds": "global", "router_aux_loss": "off"}   # what a checkpoint from before them ran with
+
 def check_resumable(saved: dict, args: TrainArgs) -> dict:
     "Refuse to resume a checkpoint written with other settings; returns the changed optimizer settings `{k: (old, new)}`."
-    now = args.to_dict()
+    now, saved = args.to_dict(), {**ADDED_SETTINGS, **saved}
     diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_DIFFERENCES and saved.get(k) != now[k]}
     if diff:
         raise EPnGError("cannot resume: this checkpoint was written with other settings (saved → now): " +
@@ -732,7 +734,7 @@ def check_cycles_fit(handle, args: TrainArgs) -> None:
     if args.method != "epng" or not cycle_steps(args.max_steps, args.warmup_steps, args.cycle_interval): return
     ranks, cap = handle.ranks, handle.max_rank
     try: plan_cycle(torch.ones(ranks.shape), ranks, args.prune_ratio, args.grow_ratio, max_rank=cap,
-                    layer_slots=[lora.num_slots for lora in handle.loras])
+                    layer_slots=[lora.num_slots for lora in handle.loras], per_layer=args.thresholds == "layer")
     except BudgetError:
         n = ranks.numel(); kept = n - math.floor(round(args.prune_ratio * n, 9))
         raise EPnGError(f"these settings cannot survive a prune-and-grow cycle: the first cycle prunes {n - kept} of "

@@ -383,3 +383,17 @@ def test_a_checkpoint_written_before_the_knob_rename_resumes(cli_run, tmp_path):
     assert T.inspect_checkpoint(ckpt, args)["state"]["step"] == 4
     (ckpt / "args.json").write_text(json.dumps({**saved, "alpha": 0.3}))        # both names: which one holds?
     with pytest.raises(T.DamagedCheckpointError, match="give only 'prune_ratio'"): T.inspect_checkpoint(ckpt, args)
+
+
+def test_a_checkpoint_from_before_the_dmep_options_resumes(tmp_path):
+    "args.json without thresholds and router_aux_loss (written before they existed) resumes with what it ran with."
+    settings = dict(max_steps=6, warmup_steps=2, cycle_interval=2, limit=16, batch_size=4)
+    full = train(TrainArgs(**settings, save_steps=3, output_dir=str(tmp_path / "run")), progress=False)
+    saved = tmp_path / "run" / "checkpoint-3" / "args.json"
+    old = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("thresholds", "router_aux_loss")}
+    saved.write_text(json.dumps(old))
+    resumed = train(TrainArgs(**settings, output_dir=str(tmp_path / "resumed"), resume=str(saved.parent)), progress=False)
+    assert resumed["losses"] == full["losses"]
+    with pytest.raises(epng.EPnGError, match="thresholds: 'global' → 'layer'"):
+        train(TrainArgs(**settings, thresholds="layer", output_dir=str(tmp_path / "other"), resume=str(saved.parent)),
+              progress=False)
