@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = textwrap.dedent('''
     "One Trainer run of EPnG on the nano model under `engine`; each process saves its ranks and factors."
     import json, sys, torch
+    import torch.distributed as dist
     from transformers import Trainer, TrainerCallback, TrainingArguments
     import epng
     from epng.nano import load_nano
@@ -56,7 +57,7 @@ PROBE = textwrap.dedent('''
     class FreeSlots(TrainerCallback):              # before EPnG's: after each step, are the slots freed earlier zero?
         zero = []
         def on_step_end(self, *a, **k):
-            self.zero.append(all(float(whole(p)[lora.slot_owner < 0].abs().sum()) == 0
+            self.zero.append(all(float(whole(p).detach()[lora.slot_owner < 0].abs().sum()) == 0
                                  for lora in handle.loras for p in lora.parameters()))
     callback = EPnGCallback(handle, "epng")
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[FreeSlots(), callback])
@@ -71,6 +72,7 @@ PROBE = textwrap.dedent('''
                 "free_is_zero": FreeSlots.zero,
                 "wrapped": type(trainer.model_wrapped).__name__, "cycles": len(callback.controller.history)},
                f"{out}/{engine}-world{world}-process{args.process_index}.pt")
+    if dist.is_initialized(): dist.barrier(); dist.destroy_process_group()   # no process leaves its peers' threads behind
 ''').replace("ZERO3", repr({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"},
                            "fp16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
                            "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
@@ -109,6 +111,7 @@ FSDP_PROBE = textwrap.dedent('''
                 "factors": [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in params],
                 "same_parameters": all(p is q for p, q in zip(handle.parameters(), params))},
                f"{out}/world{world}-process{rank}.pt")
+    if world > 1: dist.barrier(); dist.destroy_process_group()
 ''')
 
 
