@@ -17,7 +17,7 @@ __all__ = ['MAX_LORA_ALPHA', 'MAX_LAYER_CAPACITY', 'THRESHOLDS', 'ROUTER_AUX_LOS
 MAX_LORA_ALPHA = 1e4  # LoRA's alpha is a small multiple of the rank; past this the scaled factors overflow bf16
 MAX_LAYER_CAPACITY = 64  # a layer holding 64× its share of the budget is far past any real run; memory grows with it
 THRESHOLDS = ("global", "layer")                 # over all experts (the paper), or within each MoE layer (DMEP)
-ROUTER_AUX_LOSS = ("off", "warmup", "on")        # the router's balancing loss: never, until the first prune (DMEP), always
+ROUTER_AUX_LOSS = ("off", "warmup", "on")        # the router's balancing loss: never, until the first cycle (DMEP), always
 
 @dataclass
 class EPnGConfig:
@@ -76,7 +76,7 @@ def config_problems(c: EPnGConfig) -> list[str]:
          f"thresholds must be one of {THRESHOLDS} ('global': over all experts, the paper's; 'layer': within each MoE "
          f"layer), got {c.thresholds!r}"),
         (isinstance(c.router_aux_loss, str) and c.router_aux_loss in ROUTER_AUX_LOSS,
-         f"router_aux_loss must be one of {ROUTER_AUX_LOSS} ('warmup': until the first prune), got {c.router_aux_loss!r}"),
+         f"router_aux_loss must be one of {ROUTER_AUX_LOSS} ('warmup': until the first cycle), got {c.router_aux_loss!r}"),
         (isinstance(c.importance, str) and c.importance in IMPORTANCE,
          f"importance must be one of {IMPORTANCE} ('gate': the router's probabilities, the paper's; 'selection': "
          f"how often an expert is chosen; 'weight': the routing weight it gets), got {c.importance!r}"),

@@ -26,9 +26,9 @@ from fastcore.basics import patch
 __all__ = ['LORA_METHODS', 'ADAPTER_METHODS', 'METHODS', 'EPNG_STATE', 'OLD_EPNG_STATE', 'OLD_FORMAT_HINT', 'GROUP_COLORS',
            'GROUP_NAMES', 'check_method', 'is_cycle_step', 'cycle_steps', 'world_size', 'average_over_processes',
            'cycle_generator', 'grow_only_delta', 'CycleRecord', 'check_controller_state', 'EPnGController',
-           'slot_owners', 'check_ranks', 'restore_ranks', 'read_trainer_checkpoint', 'complete_trainer_checkpoint',
-           'zero_stage', 'unreachable_state', 'prepare_zero3', 'EPnGCallback', 'cycle_tables', 'plot_cycle_history',
-           'importance_groups', 'plot_importance_shift', 'plot_losses']
+           'set_router_aux_loss', 'slot_owners', 'check_ranks', 'restore_ranks', 'read_trainer_checkpoint',
+           'complete_trainer_checkpoint', 'zero_stage', 'unreachable_state', 'prepare_zero3', 'EPnGCallback',
+           'cycle_tables', 'plot_cycle_history', 'importance_groups', 'plot_importance_shift', 'plot_losses']
 
 # %% ../nbs/11_loop.ipynb #5c09e663
 LORA_METHODS = ("static", "prune_only", "grow_only", "epng")   # the schedules EPnGController runs
@@ -129,7 +129,7 @@ class EPnGController:
         self.handle, self.method = handle, check_method(method, LORA_METHODS)
         self.max_steps, self.seed, self.history = max_steps, seed, []
         cfg = handle.config
-        self.set_router_aux_loss()
+        set_router_aux_loss(handle, self.history)
         if method != "static" and max_steps is not None and not cycle_steps(max_steps, cfg.warmup_steps, cfg.cycle_interval):
             warnings.warn(f"no prune-and-grow cycle will run: max_steps={max_steps} ends before a step >= warmup_steps="
                           f"{cfg.warmup_steps} that is a multiple of cycle_interval={cfg.cycle_interval}; this trains static LoRA.")
@@ -153,7 +153,7 @@ class EPnGController:
         plan = self.handle.cycle(generator=cycle_generator(self.seed, step), **self.plan_kwargs)
         record = CycleRecord(step, plan.tau_p, plan.tau_g, importance.cpu(), plan.pruned, plan.added, self.handle.ranks)
         self.history.append(record)
-        self.set_router_aux_loss()
+        set_router_aux_loss(self.handle, self.history)
         return record
 
 # %% ../nbs/11_loop.ipynb #40d0c939
@@ -174,16 +174,15 @@ def load_state_dict(self: EPnGController, state: dict) -> None:
                         "method and seed, or start a new run.")
     self.handle.importance.load_state_dict(state["importance"])
     self.history = [CycleRecord(**r) for r in state["history"]]
-    self.set_router_aux_loss()
+    set_router_aux_loss(self.handle, self.history)
 
 # %% ../nbs/11_loop.ipynb #9a379770
-@patch
-def set_router_aux_loss(self: EPnGController) -> bool:
-    "Switch the model's router balancing loss as `config.router_aux_loss` says at this point of the run; returns it."
-    mode, config = self.handle.config.router_aux_loss, getattr(self.handle.model, "config", None)
-    on = mode == "on" or mode == "warmup" and not any(bool(r.pruned.any()) for r in self.history)
+def set_router_aux_loss(handle: EPnGHandle, history: list) -> bool:
+    "Switch the model's router balancing loss as `handle.config.router_aux_loss` says after the cycles in `history`."
+    mode, config = handle.config.router_aux_loss, getattr(handle.model, "config", None)
+    on = mode == "on" or mode == "warmup" and not history
     if on and getattr(config, "router_aux_loss_coef", None) is None:
-        raise EPnGError(f"router_aux_loss={mode!r}, but {type(self.handle.model).__name__} has no router balancing "
+        raise EPnGError(f"router_aux_loss={mode!r}, but {type(handle.model).__name__} has no router balancing "
                         "loss (router_aux_loss_coef): use router_aux_loss='off'.")
     if hasattr(config, "output_router_logits"): config.output_router_logits = on   # transformers adds coef · loss
     return on

@@ -17,7 +17,7 @@ from .selection import CyclePlan
 from .lora import rows_here, DTensor
 from .handle import EPnGHandle, attach
 from .loop import (EPnGController, EPnGCallback, CycleRecord, check_controller_state, cycle_steps, is_cycle_step,
-                       cycle_generator, average_over_processes, world_size)
+                       cycle_generator, average_over_processes, world_size, set_router_aux_loss)
 from .baselines import esft_scores
 
 # %% auto #0
@@ -140,6 +140,7 @@ class DRLoRAController:
         self.routing = torch.zeros_like(imp.sums)       # U: decayed top-k selections per (layer, expert)
         self.slot_scores = torch.zeros(len(handle.loras), handle.loras[0].num_slots, device=imp.sums.device)   # ĝ
         self._seen, self._hook = imp.sums.clone(), None  # selections already in U; the optimizer hook
+        set_router_aux_loss(handle, self.history)
 
     def is_cycle_step(self, step: int) -> bool:
         "Does a growth event follow optimizer step `step`?"
@@ -221,6 +222,7 @@ def step_end(self: DRLoRAController, step: int, optimizer=None) -> CycleRecord |
     self.handle.apply(plan, generator=cycle_generator(self.seed, step))
     record = CycleRecord(step, plan.tau_p, plan.tau_g, saliency, plan.pruned, added, self.handle.ranks)
     self.history.append(record)
+    set_router_aux_loss(self.handle, self.history)              # 'warmup' ends with the first event
     self.routing.zero_(); self.slot_scores.zero_()             # both statistics start again
     return record
 
@@ -253,6 +255,7 @@ def load_state_dict(self: DRLoRAController, state: dict) -> None:
         raise EPnGError(f"this checkpoint was written by a run with {theirs}, not {mine}: resume with the same settings.")
     self.handle.importance.load_state_dict(state["importance"])
     self.history = [CycleRecord(**r) for r in state["history"]]
+    set_router_aux_loss(self.handle, self.history)
     for k, mine in (("routing", self.routing), ("seen", self._seen)): mine.copy_(state[k])
     local = self.slot_scores.zero_()                            # under FSDP2: the rows this process holds
     for l, lora in enumerate(self.handle.loras):

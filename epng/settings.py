@@ -83,7 +83,7 @@ class TrainArgs:
     max_rank: int | None = None          # cap on one expert's rank as it grows; what its projections allow unless given
     layer_capacity: float = 2.0          # rank slots each MoE layer stores, × its share of the budget (grow-only: enough)
     thresholds: str = "global"           # τ_p, τ_g over all experts (the paper's) or 'layer': within each MoE layer (DMEP's)
-    router_aux_loss: str = "off"         # the router's balancing loss: 'off', 'warmup' (until the first prune) or 'on'
+    router_aux_loss: str = "off"         # the router's balancing loss: 'off', 'warmup' (until the first cycle) or 'on'
     importance: str = "gate"             # how p̄ reads the router (notebook 04): 'gate' (paper), 'selection', 'weight'
     esft_criterion: str = "token"        # ESFT's expert score: 'token' (selection ratio) or 'gate' (mean gate score)
     esft_top_p: float | None = None      # share of a layer's ESFT score to cover; 0.2 (token) or 0.1 (gate) unless given
