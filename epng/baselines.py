@@ -16,9 +16,9 @@ from .handle import merge_into, spend, spent_attribute
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['ESFT_TOP_P', 'ESFT_READING', 'esft_scores', 'select_esft_experts', 'ExpertDelta', 'merge_expert_delta',
-           'check_selection', 'ESFTHandle', 'attach_esft', 'FullFineTuning', 'attach_fft', 'base_parameter_count',
-           'share_table']
+__all__ = ['ESFT_TOP_P', 'ESFT_READING', 'esft_scores', 'expert_table', 'select_esft_experts', 'ExpertDelta',
+           'merge_expert_delta', 'check_selection', 'ESFTHandle', 'attach_esft', 'FullFineTuning', 'attach_fft',
+           'base_parameter_count', 'share_table']
 
 # %% ../nbs/11a_baselines.ipynb #d7561b1e
 ESFT_TOP_P = {"gate": 0.1, "token": 0.2}  # ESFT's thresholds per criterion; the official scripts use token @ 0.2
@@ -62,16 +62,21 @@ def esft_scores(model: nn.Module, batches: Iterable[Mapping], criterion: str = "
     return sums / sums.sum(-1, keepdim=True)
 
 # %% ../nbs/11a_baselines.ipynb #60d9753f
+def expert_table(values, what: str, remedy: str) -> torch.Tensor:
+    "`values` as a float64 (MoE layers × experts) table on the CPU; refused unless finite and >= 0 (`remedy` recomputes it)."
+    values = torch.as_tensor(values, dtype=torch.float64).cpu()
+    if values.dim() != 2 or values.numel() == 0:
+        raise EPnGError(f"{what} must be a (MoE layers × experts) table, got shape {tuple(values.shape)}.")
+    if not torch.isfinite(values).all() or (values < 0).any():
+        raise EPnGError(f"{what} must be finite and >= 0: recompute them with {remedy}.")
+    return values
+
 def select_esft_experts(scores, top_p: float = 0.2) -> torch.Tensor:
     "Per layer, the fewest highest-scoring experts whose share of the layer's score reaches `top_p`: (layers × experts) bool."
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise EPnGError(f"top_p must be in (0, 1], got {top_p!r}: it is the share of each layer's relevance that "
                         f"the selected experts must cover (ESFT uses {ESFT_TOP_P}).")
-    scores = torch.as_tensor(scores, dtype=torch.float64).cpu()
-    if scores.dim() != 2 or scores.numel() == 0:
-        raise EPnGError(f"ESFT scores must be a (MoE layers × experts) table, got shape {tuple(scores.shape)}.")
-    if not torch.isfinite(scores).all() or (scores < 0).any():
-        raise EPnGError("ESFT scores must be finite and >= 0: recompute them with esft_scores.")
+    scores = expert_table(scores, "ESFT scores", "esft_scores")
     totals = scores.sum(-1, keepdim=True)
     if (totals == 0).any():
         raise EPnGError(f"MoE layers {(totals[:, 0] == 0).nonzero().flatten().tolist()} have all-zero scores: "

@@ -4,19 +4,17 @@
 
 # %% ../nbs/11c_dmep.ipynb #bb2c9f35
 from __future__ import annotations
-import json, math, platform, time
+import json, math
 from importlib import resources
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.basics import patch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import Qwen3Config
 from .moe import EPnGError
-from .data import byte_tokenizer, byte_model_ids
-from .samples import nano_corpus
-from .nano import load_local, pack_corpus, lr_at
+from .data import byte_model_ids
+from .nano import load_local, pretrain_nano
 from .io import JSONFileError, atomic_dir, read_json, write_safetensors
 from .lora import lora_dtype
 from .checkpoint import InvalidAdapterError, read_expected_tensors
@@ -40,33 +38,8 @@ def nano_dense_config(**overrides) -> Qwen3Config:
 # %% ../nbs/11c_dmep.ipynb #66953d29
 def pretrain_nano_dense(out_dir, steps: int = 500, seed: int = 0, batch_size: int = 8, block_size: int = 256,
                         lr: float = 3e-3, warmup: int = 50, config=None, progress: bool = True) -> dict:
-    "Pretrain the nano dense model on `nano_corpus` as `pretrain_nano` does and save model and tokenizer to `out_dir`; returns the loss curve."
-    torch.manual_seed(seed)
-    tokenizer, config = byte_tokenizer(), config or nano_dense_config()
-    model = AutoModelForCausalLM.from_config(config)
-    rows = nano_corpus(steps * batch_size * block_size // 60 + 1000, seed)  # samples average well over 60 bytes
-    blocks = pack_corpus(rows, tokenizer, block_size)
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    losses, start = [], time.time()
-    model.train()
-    bar = tqdm(range(steps), desc="pretraining nano dense", disable=not progress)
-    for step in bar:
-        for group in optimizer.param_groups: group["lr"] = lr_at(step, steps, lr, warmup)
-        batch = blocks[order[(step * batch_size + torch.arange(batch_size)) % len(blocks)]]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(); optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4)); bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    record = dict(seed=seed, steps=steps, batch_size=batch_size, block_size=block_size, lr=lr, warmup=warmup,
-                  tokens=steps * batch_size * block_size, wall_s=round(time.time() - start, 1),
-                  machine=f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
-                  losses=losses)
-    with atomic_dir(Path(out_dir)) as tmp:  # a run killed while saving leaves the old model whole
-        model.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
-        (tmp / "pretraining.json").write_text(json.dumps(record))
-    return record
+    "Pretrain the nano dense model on `nano_corpus` with `pretrain_nano` and save model and tokenizer to `out_dir`."
+    return pretrain_nano(out_dir, steps, seed, batch_size, block_size, lr, warmup, config or nano_dense_config(), progress)
 
 # %% ../nbs/11c_dmep.ipynb #6a4cdc11
 NANO_DENSE_DIR = "nano_dense"

@@ -18,7 +18,7 @@ from .lora import rows_here, DTensor
 from .handle import EPnGHandle, attach
 from .loop import (EPnGController, EPnGCallback, CycleRecord, check_controller_state, cycle_steps, is_cycle_step,
                        cycle_generator, average_over_processes, world_size, set_router_aux_loss)
-from .baselines import esft_scores
+from .baselines import esft_scores, expert_table
 
 # %% auto #0
 __all__ = ['SIEVE_SHARE', 'DR_LORA', 'METHOD_TUNERS', 'RANK_RULES', 'sieve_counts', 'sieve_size', 'select_sieve_experts',
@@ -43,11 +43,7 @@ def select_sieve_experts(counts, share: float = SIEVE_SHARE) -> torch.Tensor:
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
         raise EPnGError(f"share must be in (0, 1], got {share!r}: it is the share of each layer's experts that keep "
                         f"LoRA (MoE-Sieve uses {SIEVE_SHARE}).")
-    counts = torch.as_tensor(counts, dtype=torch.float64).cpu()
-    if counts.dim() != 2 or counts.numel() == 0:
-        raise EPnGError(f"routing counts must be a (MoE layers × experts) table, got shape {tuple(counts.shape)}.")
-    if not torch.isfinite(counts).all() or (counts < 0).any():
-        raise EPnGError("routing counts must be finite and >= 0: recompute them with sieve_counts.")
+    counts = expert_table(counts, "routing counts", "sieve_counts")
     top = torch.sort(counts, dim=-1, descending=True, stable=True).indices[:, :sieve_size(counts.shape[1], share)]
     return torch.zeros(counts.shape, dtype=torch.bool).scatter_(-1, top, True)
 

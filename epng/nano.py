@@ -46,11 +46,13 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, floor: float = 0.1) -> 
 # %% ../nbs/03_nano.ipynb #d364f0a1
 def pretrain_nano(out_dir, steps: int = 1000, seed: int = 0, batch_size: int = 8, block_size: int = 256,
                   lr: float = 3e-3, warmup: int = 50, config=None, progress: bool = True) -> dict:
-    "Pretrain the nano OLMoE on `nano_corpus` from scratch and `save_pretrained` model and tokenizer to `out_dir`; returns the loss curve."
+    """Pretrain the nano OLMoE (or the model of `config`: a dense one has no balancing loss) on `nano_corpus` from
+    scratch and `save_pretrained` model and tokenizer to `out_dir`; returns the loss curve."""
     torch.manual_seed(seed)
     tokenizer, config = byte_tokenizer(), config or nano_config()
     model = AutoModelForCausalLM.from_config(config)
-    model.config.output_router_logits = True  # adds router_aux_loss_coef · load-balancing loss: every expert gets used
+    moe = getattr(config, "router_aux_loss_coef", None) is not None
+    if moe: model.config.output_router_logits = True  # adds router_aux_loss_coef · load-balancing loss: every expert gets used
     tokens_needed = steps * batch_size * block_size
     rows = nano_corpus(tokens_needed // 60 + 1000, seed)  # samples average well over 60 bytes: enough blocks
     blocks = pack_corpus(rows, tokenizer, block_size)
@@ -67,15 +69,16 @@ def pretrain_nano(out_dir, steps: int = 1000, seed: int = 0, batch_size: int = 8
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step(); optimizer.zero_grad(set_to_none=True)
-        lm = out.loss.item() - config.router_aux_loss_coef * out.aux_loss.item()
-        losses.append(round(lm, 4)); aux.append(round(out.aux_loss.item(), 4))
+        lm = out.loss.item() - config.router_aux_loss_coef * out.aux_loss.item() if moe else out.loss.item()
+        losses.append(round(lm, 4))
+        if moe: aux.append(round(out.aux_loss.item(), 4))
         bar.set_postfix(loss=f"{lm:.3f}")
     wall = time.time() - start
-    model.config.output_router_logits = False  # fine-tuning decides for itself
+    if moe: model.config.output_router_logits = False  # fine-tuning decides for itself
     record = dict(seed=seed, steps=steps, batch_size=batch_size, block_size=block_size, lr=lr, warmup=warmup,
                   tokens=steps * batch_size * block_size, wall_s=round(wall, 1), torch_threads=torch.get_num_threads(),
                   machine=f"{platform.machine()} {platform.processor() or platform.system()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
-                  losses=losses, aux_losses=aux)
+                  losses=losses, **({"aux_losses": aux} if moe else {}))
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:  # a run killed while saving leaves the old model whole
         model.save_pretrained(tmp); tokenizer.save_pretrained(tmp)
