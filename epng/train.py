@@ -321,8 +321,8 @@ def check_resumable(saved: dict, args: TrainArgs) -> dict:
     return {k: (saved.get(k), now[k]) for k in OPTIMIZER_SETTINGS if saved.get(k) != now[k]}
 
 # %% ../nbs/13_train.ipynb #808255cc
-BUDGET_METHODS = ("static", "epng", "sieve")
-CONTROLLED = ADAPTER_METHODS + ("dmep",)   # the methods with a controller, and its state in every checkpoint   # the methods whose rank sum is the budget after every step
+BUDGET_METHODS = ("static", "epng", "sieve")    # the methods whose rank sum is the budget after every step
+CONTROLLED = ADAPTER_METHODS + ("dmep",)        # the methods with a controller, and its state in every checkpoint
 
 def saved_settings(folder: Path, args: TrainArgs) -> dict:
     "The checkpoint's args.json, read within limits and compared with `args`: the optimizer settings that changed."
