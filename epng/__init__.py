@@ -63,7 +63,7 @@ _IN_SUBMODULES = {  # names `import epng` gave before 0.2 that live only in thei
 }
 SUBMODULES = ("moe", "compat", "io", "data", "samples", "nano", "gates", "importance", "config", "selection", "lora",
               "growth", "handle", "checkpoint", "loop", "baselines", "methods", "dmep", "settings", "memory", "eval",
-              "sandbox", "judge", "compare", "cli", "repro", "workshop")  # `train` is the function; its module is sys.modules["epng.train"]
+              "sandbox", "judge", "compare", "study", "cli", "repro", "workshop")  # `train` is the function; its module is sys.modules["epng.train"]
 
 # %% ../nbs/16_api.ipynb #dc180dd1
 def _home(name: str, table: dict) -> str | None: return next((m for m, names in table.items() if name in names.split()), None)

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 from .compat import grouped_linear, experts_implementation, set_experts_implementation
-from .moe import EPnGError, UnsupportedExpertsError, MoELayer, find_moe_layers, count_parameters
+from .moe import EPnGError, UnsupportedExpertsError, MoELayer, find_moe_layers, count_parameters, fused_weight
 from .gates import GateCollector
 from .lora import EPNG_IMPLEMENTATION, expert_offsets, lora_dtype
 from .handle import merge_into, spend, spent_attribute
@@ -89,8 +89,8 @@ def select_esft_experts(scores, top_p: float = 0.2) -> torch.Tensor:
 
 # %% ../nbs/11a_baselines.ipynb #c5281684
 class ExpertDelta(nn.Module):
-    "Trainable full-weight updates D of a few experts of one MoE layer (W_e + D_e), zero at the start."
-    def __init__(self, expert_ids, num_experts: int, hidden_size: int, intermediate_size: int,
+    "Trainable full-weight updates D of a few experts of one MoE layer (W_e + D_e), zero at first, laid out as W."
+    def __init__(self, expert_ids, num_experts: int, gate_up_shape: tuple, down_shape: tuple, transposed: bool = False,
                  dtype=torch.float32, device=None):
         super().__init__()
         ids = torch.as_tensor(sorted(int(e) for e in expert_ids), dtype=torch.long, device=device)
@@ -98,8 +98,16 @@ class ExpertDelta(nn.Module):
         local[ids] = torch.arange(len(ids), device=device)
         self.register_buffer("expert_ids", ids, persistent=False)
         self.register_buffer("local_index", local, persistent=False)   # expert → position among the selected, or -1
-        self.gate_up = nn.Parameter(torch.zeros(len(ids), 2 * intermediate_size, hidden_size, dtype=dtype, device=device))
-        self.down = nn.Parameter(torch.zeros(len(ids), hidden_size, intermediate_size, dtype=dtype, device=device))
+        self.transposed = transposed                                    # (in, out) slices, as the fused tensors
+        self.gate_up = nn.Parameter(torch.zeros(len(ids), *gate_up_shape, dtype=dtype, device=device))
+        self.down = nn.Parameter(torch.zeros(len(ids), *down_shape, dtype=dtype, device=device))
+
+    @classmethod
+    def like(cls, experts: nn.Module, expert_ids, dtype=torch.float32) -> "ExpertDelta":
+        "Zero deltas for `expert_ids` of fused `experts`: one expert's slice of each fused tensor, in its layout."
+        first = fused_weight(experts, "up_proj")          # gate_up_proj, or up_proj in experts without a gate
+        return cls(expert_ids, first.shape[0], first.shape[1:], experts.down_proj.shape[1:],
+                   bool(experts.is_transposed), dtype=dtype, device=first.device)
 
     def route(self, sorted_expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "The expert-sorted rows that go to a selected expert, and their offsets over the selected experts."
@@ -107,17 +115,19 @@ class ExpertDelta(nn.Module):
         rows = (local >= 0).nonzero().squeeze(1)
         return rows, expert_offsets(local[rows], len(self.expert_ids))
 
+    def _add(self, out: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, routed: tuple) -> torch.Tensor:
+        rows, offsets = routed   # in place: the grouped matmul's backward needs no output
+        return out.index_add_(0, rows, grouped_linear(x[rows], delta.to(x.dtype), offsets, transposed=self.transposed))
+
     def add_gate_up(self, gate_up: torch.Tensor, x: torch.Tensor, routed: tuple) -> torch.Tensor:
-        "Add D_gate_up x to the selected rows of the gate/up projection (in place: its backward needs no output)."
-        rows, offsets = routed
-        return gate_up.index_add_(0, rows, grouped_linear(x[rows], self.gate_up.to(x.dtype), offsets))
+        "Add D_gate_up x to the selected rows of the first projection (gate and up, or up alone)."
+        return self._add(gate_up, self.gate_up, x, routed)
 
     def add_down(self, out: torch.Tensor, hidden: torch.Tensor, routed: tuple) -> torch.Tensor:
         "Add D_down h to the selected rows of the down projection."
-        rows, offsets = routed
-        return out.index_add_(0, rows, grouped_linear(hidden[rows], self.down.to(hidden.dtype), offsets))
+        return self._add(out, self.down, hidden, routed)
 
-    def extra_repr(self) -> str: return f"experts={self.expert_ids.tolist()}"
+    def extra_repr(self) -> str: return f"experts={self.expert_ids.tolist()}" + ", transposed" * self.transposed
 
 # %% ../nbs/11a_baselines.ipynb #c830b359
 @torch.no_grad()
@@ -125,8 +135,8 @@ def merge_expert_delta(layer: MoELayer) -> None:
     "Add the ESFT deltas into `layer`'s fused weights (only the selected experts' slices) and remove `epng_esft`."
     experts = layer.experts
     delta = experts.epng_esft
-    experts.gate_up_proj.index_add_(0, delta.expert_ids, delta.gate_up.to(experts.gate_up_proj.dtype))
-    experts.down_proj.index_add_(0, delta.expert_ids, delta.down.to(experts.down_proj.dtype))
+    for weight, d in [(fused_weight(experts, "up_proj"), delta.gate_up), (experts.down_proj, delta.down)]:
+        weight.index_add_(0, delta.expert_ids, d.to(weight.dtype))   # same layout: no transpose, no reordering
     del experts.epng_esft
 
 # %% ../nbs/11a_baselines.ipynb #c8f164e6
@@ -169,7 +179,7 @@ class ESFTHandle:
         for delta in self.deltas.values(): yield from delta.parameters()
 
     def num_trainable(self) -> int:
-        "Trainable parameters: the full gate, up and down weights of every selected expert."
+        "Trainable parameters: the full gate (where there is one), up and down weights of every selected expert."
         return sum(p.numel() for p in self.parameters())
 
     def bind_optimizer(self, optimizer) -> None:
@@ -219,10 +229,9 @@ def attach_esft(model: nn.Module, selected) -> ESFTHandle:
     deltas = {}
     for layer, row in zip(layers, selected):
         if not row.any(): continue
-        weight = layer.experts.gate_up_proj
-        deltas[layer.index] = layer.experts.epng_esft = ExpertDelta(
-            row.nonzero().flatten().tolist(), layer.num_experts, layer.hidden_size, layer.intermediate_size,
-            dtype=lora_dtype(weight), device=weight.device)
+        experts = layer.experts
+        experts.epng_esft = ExpertDelta.like(experts, row.nonzero().flatten(), lora_dtype(fused_weight(experts, "up_proj")))
+        deltas[layer.index] = experts.epng_esft
     set_experts_implementation(model, layers, EPNG_IMPLEMENTATION)
     return ESFTHandle(model, layers, deltas, selected, None if base == EPNG_IMPLEMENTATION else base)
 

@@ -18,11 +18,12 @@ from .io import JSONFileError, atomic_dir, read_json, write_safetensors
 from .compat import RENAMED_KNOBS, moved_names, renamed_keywords
 
 # %% auto #0
-__all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'FORMAT_VERSION', 'MAX_ADAPTER_JSON_BYTES', 'live_slots', 'padded_factors',
-           'moe_shapes', 'moe_fingerprint', 'adapter_tensors', 'adapter_metadata', 'save_adapter', 'write_adapter',
-           'InvalidAdapterError', 'check_adapter_metadata', 'check_adapter_tensors', 'read_expected_tensors',
-           'read_adapter', 'check_adapter_fits', 'check_adapter_config', 'restore_adapter', 'load_adapter',
-           'load_adapter_into', 'to_peft_layout', 'from_peft_layout', 'peft_factors', 'peft_lora_config', 'export_peft']
+__all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'FORMAT_VERSION', 'MAX_ADAPTER_JSON_BYTES', 'MAX_WIDTH', 'live_slots',
+           'padded_factors', 'moe_shapes', 'moe_fingerprint', 'layer_sizes', 'adapter_rank_costs', 'adapter_tensors',
+           'adapter_metadata', 'save_adapter', 'write_adapter', 'InvalidAdapterError', 'check_adapter_metadata',
+           'check_adapter_tensors', 'read_expected_tensors', 'read_adapter', 'check_adapter_fits',
+           'check_adapter_config', 'restore_adapter', 'load_adapter', 'load_adapter_into', 'to_peft_layout',
+           'from_peft_layout', 'peft_factors', 'peft_lora_config', 'export_peft']
 
 # %% ../nbs/10a_checkpoint.ipynb #4a69fff1
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "epng_adapter.safetensors", "epng_adapter.json"
@@ -48,10 +49,13 @@ def padded_factors(lora: ExpertLoRA, target: str, width: int | None = None) -> t
     return a, b.transpose(1, 2)
 
 def moe_shapes(layers: list[MoELayer]) -> dict:
-    "The MoE shapes an adapter depends on: layer names, experts, hidden and expert width."
-    return {"num_moe_layers": len(layers), "num_experts": layers[0].num_experts,
-            "hidden_size": layers[0].hidden_size, "intermediate_size": layers[0].intermediate_size,
-            "layer_names": [layer.name for layer in layers]}
+    "The MoE shapes an adapter depends on: layer names, experts, hidden and expert width (each layer's, if they differ)."
+    shapes = {"num_moe_layers": len(layers), "num_experts": layers[0].num_experts,
+              "hidden_size": layers[0].hidden_size, "intermediate_size": layers[0].intermediate_size,
+              "layer_names": [layer.name for layer in layers]}
+    sizes = [[layer.hidden_size, layer.intermediate_size] for layer in layers]
+    if any(s != sizes[0] for s in sizes): shapes["layer_sizes"] = sizes   # only then: one-size fingerprints stay as they were
+    return shapes
 
 def moe_fingerprint(layers: list[MoELayer]) -> str:
     "A short hash of `moe_shapes`: equal for models whose experts an adapter fits."
@@ -61,6 +65,17 @@ def _model_info(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     return {"class": type(model).__name__, "config_class": type(config).__name__,
             "model_type": getattr(config, "model_type", None), "name_or_path": getattr(config, "_name_or_path", "") or ""}
+
+# %% ../nbs/10a_checkpoint.ipynb #f8c586d6
+def layer_sizes(metadata: dict) -> list:
+    "Each MoE layer's `[hidden, intermediate]` in an adapter's `metadata` (or `moe_shapes`): `layer_sizes`, else the one size."
+    if "layer_sizes" in metadata: return metadata["layer_sizes"]
+    return [[metadata["hidden_size"], metadata["intermediate_size"]] for _ in range(metadata["num_moe_layers"])]
+
+def adapter_rank_costs(metadata: dict) -> list[int] | None:
+    "Parameters one rank costs in each MoE layer of the adapter, or None when the same in all (as `EPnGHandle.rank_costs`)."
+    costs = [len(metadata["targets"]) * (hidden + inter) for hidden, inter in layer_sizes(metadata)]   # in + out per target
+    return None if len(set(costs)) == 1 else costs
 
 # %% ../nbs/10a_checkpoint.ipynb #076c3930
 def adapter_tensors(handle: EPnGHandle) -> dict:
@@ -105,6 +120,7 @@ class InvalidAdapterError(EPnGError):
     "An adapter file that is damaged, edited or inconsistent."
 
 MAX_ADAPTER_JSON_BYTES = 16 * 2**20   # an adapter's JSON is a few kB; past this it is not an adapter
+MAX_WIDTH = 2**20                      # a layer_sizes entry above this is no real expert projection
 _DTYPE_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}  # safetensors' names
 _FIELDS = {"format_version": int, "config": dict, "targets": list, "num_moe_layers": int, "num_experts": int,
            "hidden_size": int, "intermediate_size": int, "layer_names": list, "fingerprint": str, "model": dict,
@@ -138,7 +154,12 @@ def _check_fields(metadata: dict, where) -> EPnGConfig:
                         f"{FORMAT_VERSION}: upgrade epng to read it.")
     sizes = {k: metadata[k] for k in ["num_moe_layers", "num_experts", "hidden_size", "intermediate_size"]}
     if min(sizes.values()) < 1: raise _bad(where, f"its MoE shapes {sizes} must all be >= 1")
-    L = sizes["num_moe_layers"]
+    L, per_layer = sizes["num_moe_layers"], metadata.get("layer_sizes")   # only when the layers' widths differ
+    if "layer_sizes" in metadata and not (isinstance(per_layer, list) and len(per_layer) == L and all(
+            isinstance(s, list) and len(s) == 2 and all(_is_int(v) and 1 <= v <= MAX_WIDTH for v in s) for s in per_layer)
+            and per_layer[0] == [sizes["hidden_size"], sizes["intermediate_size"]]):
+        raise _bad(where, f"layer_sizes must be {L} pairs [hidden, intermediate] of whole numbers in 1..{MAX_WIDTH}, the "
+                          f"first equal to hidden_size and intermediate_size, got {str(per_layer)[:200]}")
     try:   # an adapter saved before 0.2 names four knobs the old way
         metadata["config"] = renamed_keywords(metadata["config"], RENAMED_KNOBS, str(where), warn=False)
         config = EPnGConfig(**metadata["config"])
@@ -162,16 +183,18 @@ def _check_budget(metadata: dict, config: EPnGConfig, where) -> None:
     sizes = {k: metadata[k] for k in ["num_moe_layers", "num_experts", "hidden_size", "intermediate_size"]}
     L, E = sizes["num_moe_layers"], sizes["num_experts"]
     # slots first: every other size is bounded by them, and they are bounded by the shapes, before anything is allocated
-    limit = min(sizes["hidden_size"], sizes["intermediate_size"])
-    field, most = ("slots", E * limit) if metadata["format_version"] >= 2 else ("capacity", round_up(limit))
-    sizes_ = metadata[field]
-    if len(sizes_) != L or not all(_is_int(c) and 1 <= c <= most for c in sizes_):
-        raise _bad(where, f"{field} must be {L} whole numbers in 1..{most} (rank slots the expert projections allow), "
+    limits = [min(hidden, inter) for hidden, inter in layer_sizes(metadata)]     # each layer's largest rank
+    field = "slots" if metadata["format_version"] >= 2 else "capacity"
+    most, sizes_ = [E * m if field == "slots" else round_up(m) for m in limits], metadata[field]
+    if len(sizes_) != L or not all(_is_int(c) and 1 <= c <= m for c, m in zip(sizes_, most)):
+        span = most[0] if len(set(most)) == 1 else "/".join(map(str, most)) + " by MoE layer"
+        raise _bad(where, f"{field} must be {L} whole numbers in 1..{span} (rank slots the expert projections allow), "
                           f"got {str(sizes_)[:200]}")
-    ranks, max_rank = metadata["ranks"], min(config.max_rank or limit, limit)
+    ranks = metadata["ranks"]
     if len(ranks) != L or not all(isinstance(row, list) and len(row) == E for row in ranks):
         raise _bad(where, f"ranks must be {L} lists (MoE layers) of {E} ranks (experts)")
     for l, row in enumerate(ranks):
+        max_rank = min(config.max_rank or limits[l], limits[l])
         top = max_rank if field == "slots" else min(sizes_[l], max_rank)
         for e, r in enumerate(row):
             if not (_is_int(r) and 0 <= r <= top):
@@ -179,10 +202,13 @@ def _check_budget(metadata: dict, config: EPnGConfig, where) -> None:
                                   f"to {top} (the experts' rank limit, max_rank, and a format 1 file's capacity)")
         if field == "slots" and sum(row) > sizes_[l]:
             raise _bad(where, f"MoE layer {l}'s ranks add up to {sum(row)}, more than its {sizes_[l]} slots")
-    most = config.rank * L * E        # rank r0 on every expert; MoE-Sieve starts on a quarter of them
+    costs = adapter_rank_costs(metadata)   # None: the budget counts ranks
+    most = config.rank * L * E if costs is None else config.rank * E * sum(costs)   # rank r0 on every expert (MoE-Sieve: fewer)
     if not (_is_int(metadata["budget"]) and 1 <= metadata["budget"] <= most):
-        raise _bad(where, f"its budget {metadata['budget']!r} is not a whole number in 1..{most}, the most its config "
-                          f"and shapes give (rank {config.rank} × {L} MoE layers × {E} experts)")
+        unit, given = ("", f"rank {config.rank} × {L} MoE layers × {E} experts") if costs is None else (
+            " parameters", f"rank {config.rank} × {E} experts × ({' + '.join(map(str, costs))}) parameters a rank costs")
+        raise _bad(where, f"its budget {metadata['budget']!r} is not a whole number in 1..{most}{unit}, the most its "
+                          f"config and shapes give ({given})")
     rank_sum, recorded = sum(map(sum, ranks)), metadata.get("rank_sum", metadata["budget"])
     if rank_sum != recorded:
         raise _bad(where, f"its ranks add up to {rank_sum}, but it records a rank sum of {recorded!r} "
@@ -197,10 +223,9 @@ def check_adapter_metadata(metadata: dict, where="the adapter") -> EPnGConfig:
 # %% ../nbs/10a_checkpoint.ipynb #9f5b76f4
 def _expected_tensors(metadata: dict) -> dict:
     "`{name: (shape, safetensors dtype)}` of every tensor the adapter described by `metadata` must hold."
-    E, H, I = metadata["num_experts"], metadata["hidden_size"], metadata["intermediate_size"]
-    sides = {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
-    factor, expected = _DTYPE_CODES[metadata["dtype"]], {}
-    for l, ranks in enumerate(metadata["ranks"]):
+    E, factor, expected = metadata["num_experts"], _DTYPE_CODES[metadata["dtype"]], {}
+    for l, (ranks, (H, I)) in enumerate(zip(metadata["ranks"], layer_sizes(metadata))):
+        sides = {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
         R = max(ranks)
         expected[f"layers.{l}.ranks"] = ((E,), "I64")
         if metadata["format_version"] >= 2: expected[f"layers.{l}.slot_owner"] = ((metadata["slots"][l],), "I64")
@@ -278,6 +303,8 @@ def check_adapter_fits(metadata: dict, model: nn.Module, layers: list[MoELayer] 
     ours, info = moe_shapes(layers), _model_info(model)
     problems = [f"{k.replace('_', ' ')}: adapter {metadata[k]}, model {ours[k]}"
                 for k in ["num_moe_layers", "num_experts", "hidden_size", "intermediate_size"] if metadata[k] != ours[k]]
+    if not problems and layer_sizes(metadata) != layer_sizes(ours):
+        problems.append(f"layer sizes: adapter {str(layer_sizes(metadata))[:100]}, model {str(layer_sizes(ours))[:100]}")
     saved_type = metadata["model"].get("model_type")
     if saved_type and info["model_type"] and saved_type != info["model_type"]:
         problems.insert(0, f"model type: adapter {saved_type!r}, model {info['model_type']!r}")
@@ -400,13 +427,11 @@ def peft_factors(lora: ExpertLoRA) -> dict:
     a = {t: a_ for t, (a_, _) in padded.items()}
     b = {t: lora.scaling * b_ for t, (_, b_) in padded.items()}
     factors, gate_up = {}, lora.gate_up_targets
-    if gate_up:
-        inter = lora.shapes[gate_up[0]][1]
-        big_b = b[gate_up[0]].new_zeros(lora.num_experts, 2 * inter, len(gate_up) * R)
-        for k, t in enumerate(gate_up):
-            rows = slice(0, inter) if t == "gate_proj" else slice(inter, 2 * inter)
-            big_b[:, rows, k * R:(k + 1) * R] = b[t]
-        factors["gate_up_proj"] = (torch.cat([a[t] for t in gate_up], dim=1), big_b)
+    if gate_up:   # B' rows where the fused weight has them: halves, interleaved, or all of up_proj without a gate
+        inter, only_up = lora.shapes[gate_up[0]][1], lora.gate_up_layout == "up only"
+        big_b = b[gate_up[0]].new_zeros(lora.num_experts, inter if only_up else 2 * inter, len(gate_up) * R)
+        for k, t in enumerate(gate_up): big_b[:, lora.output_rows(t), k * R:(k + 1) * R] = b[t]
+        factors["up_proj" if only_up else "gate_up_proj"] = (torch.cat([a[t] for t in gate_up], dim=1), big_b)
     if "down_proj" in lora.shapes: factors["down_proj"] = (a["down_proj"], b["down_proj"])
     return factors
 
@@ -428,11 +453,23 @@ def peft_lora_config(weights: dict):
                       alpha_pattern=dict(ranks), target_modules=[], target_parameters=sorted(weights),
                       lora_dropout=0.0, bias="none")
 
+# %% ../nbs/10a_checkpoint.ipynb #c0320428
+def _check_reads_layout(wrapper, key: str, transposed: bool) -> None:
+    "Refuse to export when peft would read the 3-D `key` the other way round ((in, out) for (out, in) or back)."
+    swapped = getattr(wrapper, "_did_swap_in_out_features", None)   # peft: True when it reads (E, out, in)
+    if swapped is not None and swapped == transposed:
+        import peft
+        raise EPnGError(f"peft {peft.__version__} reads {key} as {'(E, out, in)' if swapped else '(E, in, out)'}, but "
+                        f"this model stores it {'(E, in, out)' if transposed else '(E, out, in)'}: its adapter would "
+                        "reload to other outputs. Save the merged model instead (handle.merged_model().save_pretrained).")
+
+# %% ../nbs/10a_checkpoint.ipynb #32f7dced
 def export_peft(handle: EPnGHandle, path, base_model_name_or_path: str | None = None) -> Path:
     "Write `handle`'s adapter as a peft LoRA adapter (target_parameters on the fused experts) to the folder `path`."
     from peft import get_peft_model
     weights = {f"{layer.name}.experts.{param}": factors
                for layer, lora in zip(handle.layers, handle.loras) for param, factors in peft_factors(lora).items()}
+    transposed = {f"{layer.name}.experts": bool(layer.experts.is_transposed) for layer in handle.layers}
     name = base_model_name_or_path or getattr(handle.model.config, "_name_or_path", None) or None
     with warnings.catch_warnings():  # peft 0.21 checks rank_pattern keys against module names only: a false alarm here
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module")
@@ -442,6 +479,7 @@ def export_peft(handle: EPnGHandle, path, base_model_name_or_path: str | None = 
     for module_name, module in peft_model.named_modules():
         if type(module).__name__ != "ParamWrapper": continue
         key = _param_key(module_name, module.parameter_name)
+        _check_reads_layout(module, key, transposed[key.rpartition(".")[0]])
         lora_a, lora_b = to_peft_layout(*weights[key])
         module.lora_A["default"].weight = nn.Parameter(lora_a.cpu(), requires_grad=False)
         module.lora_B["default"].weight = nn.Parameter(lora_b.cpu(), requires_grad=False)

@@ -10,7 +10,7 @@ from .compat import RENAMED_KNOBS
 
 # %% auto #0
 __all__ = ['TRAIN_DESCRIPTION', 'rank_table', 'field_comments', 'option_help', 'add_train_options', 'report',
-           'add_pretrain_options', 'pretrain_command', 'make_parser', 'main']
+           'add_pretrain_options', 'pretrain_command', 'add_study_options', 'study_command', 'make_parser', 'main']
 
 # %% ../nbs/17_cli.ipynb #3368e088
 def rank_table(ranks) -> str:
@@ -100,14 +100,40 @@ def pretrain_command(options: dict) -> str:
     return (f"nano model saved in {out}: {record['steps']} steps, seed {record['seed']}, loss "
             f"{record['losses'][0]:.3f} → {record['losses'][-1]:.3f}, {record['wall_s']:.0f} s")
 
+# %% ../nbs/17_cli.ipynb #6eff6c96
+def add_study_options(parser: argparse.ArgumentParser) -> None:
+    "The study's design (notebook 15a) as defaults."
+    parser.add_argument("--output", default="study.json", help="the study's JSON file; run again, it continues (default: study.json)")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds of every variant in the main table (default: 10)")
+    parser.add_argument("--sweep-seeds", type=int, default=3, help="seeds of every sweep point (default: 3)")
+    parser.add_argument("--workers", type=int, default=1, help="runs side by side, one torch thread each (default: 1)")
+    parser.add_argument("--variants", nargs="+", default=None, help="variants of the main table (default: all of 15a's)")
+    parser.add_argument("--sweeps", nargs="*", default=None,
+                        help="knobs to sweep: rank, fraction, importance_decay, cycle_interval (default: all; "
+                             "--sweeps alone: none)")
+    parser.add_argument("--quick", action="store_true", help="six steps on a few problems: the code path in a minute, "
+                        "scores that mean nothing")
+
+def study_command(options: dict) -> str:
+    "Run `run_study` as `epng study` asks; returns the main table to print."
+    from epng.moe import EPnGError
+    from epng.study import QUICK, run_study, study_table
+    if min(options["seeds"], options["sweep_seeds"], options["workers"]) < 1:
+        raise EPnGError("--seeds, --sweep-seeds and --workers must be at least 1.")
+    study = run_study(options["output"], options["seeds"], options["sweep_seeds"], options["workers"],
+                      options["variants"], options["sweeps"], **(QUICK if options["quick"] else {}))
+    return f"{study_table(study)}\nstudy saved in {options['output']}"
+
+
 # %% ../nbs/17_cli.ipynb #e2dac601
 def make_parser() -> argparse.ArgumentParser:
-    "The `epng` command's parser, with its two subcommands."
+    "The `epng` command's parser, with its three subcommands."
     parser = argparse.ArgumentParser(prog="epng", description="Expert Prune-and-Grow for MoE LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_options(commands.add_parser("train", help="fine-tune an MoE (no options: the embedded default, offline)",
                                           description=TRAIN_DESCRIPTION))
     add_pretrain_options(commands.add_parser("pretrain-nano", help="regenerate the nano model (notebook 03), about 30 min"))
+    add_study_options(commands.add_parser("study", help="when does EPnG win: every method, seeds and sweeps (notebook 15a), hours"))
     return parser
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     from epng.train import RunInterrupted, train
     try:
         if command == "pretrain-nano": print(pretrain_command(options)); return
+        if command == "study": print(study_command(options)); return
         result = train(TrainArgs(**options))
     except RunInterrupted as e:                 # one line, no traceback: what was saved and how to continue
         if e.rank == 0: print(f"epng train: {e}", file=sys.stderr)

@@ -8,18 +8,19 @@ import json, statistics, tempfile, time
 from pathlib import Path
 from tqdm.auto import tqdm
 from .moe import EPnGError
-from .loop import LORA_METHODS
+from .loop import LORA_METHODS, ADAPTER_METHODS
 from .samples import nano_task
 from .eval import nano_eval
 from .nano import load_nano, nano_model_path
 from .train import train, TrainArgs
 
 # %% auto #0
-__all__ = ['COMPARED', 'NANO_SETTINGS', 'write_nano_rows', 'run_method', 'base_run', 'compare', 'summarize', 'comparison_table',
-           'plot_comparison', 'save_comparison', 'load_comparison']
+__all__ = ['COMPARED', 'RUNNABLE', 'NANO_SETTINGS', 'write_nano_rows', 'run_method', 'base_run', 'compare', 'summarize',
+           'comparison_table', 'plot_comparison', 'save_comparison', 'load_comparison']
 
 # %% ../nbs/15_compare.ipynb #45a6a436
-COMPARED = LORA_METHODS + ("esft",)
+COMPARED = LORA_METHODS + ("esft",)                  # what compare() runs by default
+RUNNABLE = ADAPTER_METHODS + ("esft",)               # what run_method runs: MoE-Sieve and DR-LoRA (11b) too
 NANO_SETTINGS = dict(max_steps=400, batch_size=16, lr=3e-3, warmup_steps=100, cycle_interval=50, max_length=256)
 
 def write_nano_rows(folder, n: int = 2000) -> Path:
@@ -31,7 +32,7 @@ def write_nano_rows(folder, n: int = 2000) -> Path:
 def run_method(method: str, seed: int, train_file, test_rows: list[dict], max_new_tokens: int = 96,
                esft_batches: int = 8, **settings) -> dict:
     "Fine-tune the nano model with one method and seed (`settings` override `NANO_SETTINGS`), then score it on `test_rows`."
-    if method not in COMPARED: raise EPnGError(f"method={method!r}: compare one of {COMPARED}.")
+    if method not in RUNNABLE: raise EPnGError(f"method={method!r}: compare one of {RUNNABLE}.")
     with tempfile.TemporaryDirectory() as out:  # the run's checkpoint and figures are not kept: the scores are
         args = TrainArgs(model=str(nano_model_path()), dataset=str(train_file), method=method, seed=seed, bf16=False,
                          esft_batches=esft_batches, output_dir=out, **{**NANO_SETTINGS, **settings})
@@ -39,7 +40,7 @@ def run_method(method: str, seed: int, train_file, test_rows: list[dict], max_ne
         result = train(args, progress=False)
         train_s = time.time() - start
     scores = nano_eval(result["model"], result["tokenizer"], test_rows, max_new_tokens=max_new_tokens)
-    ranks = result["tuner"].ranks if method in LORA_METHODS else None
+    ranks = result["tuner"].ranks if method in ADAPTER_METHODS else None
     return dict(method=method, seed=seed, flexible=scores["flexible"], strict=scores["strict"], share=result["share"],
                 rank_sum=None if ranks is None else int(ranks.sum()), train_s=round(train_s, 1),
                 final_loss=round(statistics.mean(result["losses"][-20:]), 4), example=scores["generations"][0])

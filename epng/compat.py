@@ -66,13 +66,16 @@ def grouped_experts_forward(experts, hidden_states, top_k_index, top_k_weights):
     "transformers' own grouped experts forward (used when no adapter is on the layer)."
     return _moe().grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    "Rows of `x`, sorted by expert, times their expert's (out, in) slice of `weight`; `offsets` end each expert's rows."
-    return _moe()._grouped_linear(x, weight, offsets)
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None = None,
+                   transposed: bool = False) -> torch.Tensor:
+    """Rows of `x`, sorted by expert, times their expert's (out, in) slice of `weight` ((in, out) if `transposed`),
+    plus `bias` (one row per row of `x`); `offsets` end each expert's rows."""
+    return _moe()._grouped_linear(x, weight, offsets, bias=bias, is_transposed=transposed)
 
 def apply_gate(experts: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    "The experts module's activation on its fused (…, 2I) `gate_up` output: act(gate) · up, in the model's own layout."
-    return experts._apply_gate(gate_up)
+    """The experts module's activation on its first projection's output: act(gate) · up in the model's own layout
+    (GPT-OSS: interleaved and clamped), or act(up) for experts without a gate."""
+    return experts._apply_gate(gate_up) if getattr(experts, "has_gate", True) else experts.act_fn(gate_up)
 
 def register_experts_function(name: str, forward) -> None:
     "Make `forward` selectable as the experts implementation `name`."

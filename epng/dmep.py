@@ -4,27 +4,29 @@
 
 # %% ../nbs/11c_dmep.ipynb #bb2c9f35
 from __future__ import annotations
-import json, math
+import json, math, warnings
 from importlib import resources
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.basics import patch
-from transformers import Qwen3Config
+from transformers import Qwen3Config, TrainerCallback
 from .moe import EPnGError
 from .data import byte_model_ids
 from .nano import load_local, pretrain_nano
-from .io import JSONFileError, atomic_dir, read_json, write_safetensors
+from .io import JSONFileError, StateFileError, atomic_dir, load_state, read_json, save_state, write_safetensors
 from .lora import lora_dtype
 from .checkpoint import InvalidAdapterError, read_expected_tensors
+from .loop import zero_stage
 
 # %% auto #0
 __all__ = ['NANO_DENSE_DIR', 'NANO_DENSE_FILES', 'DMEP_TARGETS', 'DMEP_AUX_COEF', 'DMEP_WEIGHTS', 'DMEP_CONFIG',
-           'DMEP_FORMAT_VERSION', 'MAX_DMEP_JSON_BYTES', 'nano_dense_config', 'pretrain_nano_dense', 'nano_dense_path',
-           'load_nano_dense', 'DMEPLinear', 'DMEPContext', 'DMEPHandle', 'attach_dmep', 'slice_optimizer_state',
-           'experts_to_keep', 'dmep_tensors', 'dmep_metadata', 'save_dmep', 'check_dmep_metadata', 'read_dmep',
-           'load_dmep', 'DMEPController', 'plot_dmep_removal']
+           'DMEP_FORMAT_VERSION', 'MAX_DMEP_JSON_BYTES', 'DMEP_STATE', 'nano_dense_config', 'pretrain_nano_dense',
+           'nano_dense_path', 'load_nano_dense', 'DMEPLinear', 'DMEPContext', 'DMEPHandle', 'attach_dmep',
+           'slice_optimizer_state', 'experts_to_keep', 'dmep_tensors', 'dmep_metadata', 'save_dmep',
+           'check_dmep_metadata', 'read_dmep', 'load_dmep', 'DMEPController', 'plot_dmep_removal', 'DMEPCallback',
+           'read_dmep_checkpoint', 'dmep_checkpoint']
 
 # %% ../nbs/11c_dmep.ipynb #bb4085f2
 def nano_dense_config(**overrides) -> Qwen3Config:
@@ -457,23 +459,33 @@ def state_dict(self: DMEPController) -> dict:
             "aux_coef": self.aux_coef, "counts": self.handle.counts().tolist(), "history": self.history}
 
 @patch
-def load_state_dict(self: DMEPController, state: dict) -> None:
-    "Restore what `state_dict` saved, after checking it matches these settings and the handle's experts."
+def check_state(self: DMEPController, state, kept: dict | None = None) -> None:
+    "Raise `EPnGError` unless `state` is a `state_dict()` of these settings for an adapter with the experts `kept` (default: the handle's)."
     mine = {k: getattr(self, k) for k in ("warmup_steps", "threshold", "keep", "aux_coef")}
     if not isinstance(state, dict) or state.get("method") != "dmep" or {k: state.get(k) for k in mine} != mine:
         raise EPnGError(f"this controller state is not from a DMEP run with {mine}: resume with the same settings.")
-    counts, history = torch.tensor(state.get("counts"), dtype=torch.float64), state.get("history")
-    if counts.shape != self.handle.counts().shape or not torch.isfinite(counts).all() or (counts < 0).any():
-        raise EPnGError(f"the controller state's counts are not {tuple(self.handle.counts().shape)} finite values >= 0.")
-    if not isinstance(history, list) or len(history) > 1:
+    shape, history = self.handle.counts().shape, state.get("history")
+    try: counts = torch.tensor(state.get("counts"), dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError): counts = None
+    if counts is None or counts.shape != shape or not torch.isfinite(counts).all() or (counts < 0).any():
+        raise EPnGError(f"the controller state's counts are not {tuple(shape)} finite values >= 0.")
+    if not isinstance(history, list) or len(history) > 1 or (history and not isinstance(history[0], dict)):
         raise EPnGError("the controller state's history is not a list of at most one removal.")
-    kept = {n: m.epng_expert_ids.tolist() for n, m in self.handle.modules.items()}
-    if (history[0]["kept"] if history else {n: list(range(self.handle.settings["n_experts"])) for n in kept}) != kept:
+    kept = kept if kept is not None else {n: m.epng_expert_ids.tolist() for n, m in self.handle.modules.items()}
+    if (history[0].get("kept") if history else {n: list(range(self.handle.settings["n_experts"])) for n in kept}) != kept:
         raise EPnGError("the adapter's experts do not match the controller state: load the adapter of the same checkpoint.")
-    if (counts[~self.handle.kept()] != 0).any(): raise EPnGError("the controller state counts assignments to removed experts.")
+    alive = torch.zeros(shape, dtype=torch.bool)
+    for i, n in enumerate(self.handle.modules): alive[i, kept[n]] = True
+    if (counts[~alive] != 0).any(): raise EPnGError("the controller state counts assignments to removed experts.")
+
+@patch
+def load_state_dict(self: DMEPController, state: dict) -> None:
+    "Restore what `state_dict` saved, after `check_state` against the handle's experts."
+    self.check_state(state)
+    counts = torch.tensor(state["counts"], dtype=torch.float64)
     for i, m in enumerate(self.handle.modules.values()): m.epng_counts.copy_(counts[i, m.epng_expert_ids.cpu()])
-    self.history = history
-    self.handle.balance_on = not history
+    self.history = state["history"]
+    self.handle.balance_on = not self.history
 
 # %% ../nbs/11c_dmep.ipynb #a2386ee2
 def plot_dmep_removal(shares: torch.Tensor, kept: torch.Tensor, names: list, threshold: float = 0.10, figsize=(12, 3.6)):
@@ -489,3 +501,133 @@ def plot_dmep_removal(shares: torch.Tensor, kept: torch.Tensor, names: list, thr
     bx.set_xticks(x, names, rotation=90, fontsize=7)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/11c_dmep.ipynb #7293cd52
+_FUSED_HEAD = ("DMEPCallback cannot add the balancing loss under TRL's SFTTrainer: it computes its loss from the "
+               "log-probabilities of its fused LM head, not from the model's outputs.loss, so the term would be lost. "
+               "Train with transformers.Trainer (TRL's data preparation can feed it).")
+
+class DMEPCallback(TrainerCallback):
+    "Runs DMEP inside `transformers.Trainer`: the balancing loss joins the model's `outputs.loss`; removal after warm-up."
+    def __init__(self, handle: DMEPHandle, warmup_steps: int, threshold: float = 0.10, keep: int = 2,
+                 aux_coef: float = DMEP_AUX_COEF):
+        self.handle, self.controller = handle, DMEPController(handle, warmup_steps, threshold, keep, aux_coef)
+        self.accumulation, self._restored = 1, False
+        self.hooks = [handle.model.register_forward_hook(self.add_balance_loss, with_kwargs=True)]
+        self.hooks += [m.register_load_state_dict_pre_hook(_check_loaded_experts) for m in handle.modules.values()]
+
+    def add_balance_loss(self, model, args, kwargs, output):
+        "Forward hook: a training forward's loss gains weight · balancing loss, scaled for accumulation as `epng train` scales it."
+        if not model.training: return None
+        aux = self.handle.balance_loss()                      # taken in every training forward: none is left over
+        weight = self.controller.aux_loss_weight
+        if not weight or not isinstance(output, dict) or output.get("loss") is None: return None
+        if kwargs.get("fused_lm_head"): raise EPnGError(_FUSED_HEAD)   # TRL's SFTTrainer: its loss is not outputs.loss
+        per_step = self.accumulation if kwargs.get("num_items_in_batch") is not None else 1   # the Trainer divides the rest
+        output["loss"] = output["loss"] + weight * aux.to(output["loss"]) / per_step
+        return output
+
+    def remove(self) -> None:
+        "Take the callback's hooks off the model: its forward returns the plain loss again."
+        for h in self.hooks: h.remove()
+
+    def on_init_end(self, args, state, control, **kwargs):
+        if args.world_size > 1 or zero_stage(args) is not None or getattr(args, "fsdp", None):
+            raise EPnGError("DMEPCallback runs in one process without DeepSpeed or FSDP: its removal puts smaller "
+                            "tensors in place of those DDP, DeepSpeed and FSDP hold (as epng train --method dmep does).")
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):   # the newer name
+            raise EPnGError("DMEPCallback cannot run with gradient checkpointing: the recomputed forward runs without the "
+                            "attention mask and counts the assignments again. Set gradient_checkpointing=False.")
+        if args.label_smoothing_factor:
+            raise EPnGError("DMEPCallback cannot add the balancing loss under label smoothing: the Trainer then computes "
+                            "the loss outside the model's forward. Set label_smoothing_factor=0.")
+
+# %% ../nbs/11c_dmep.ipynb #8661fba8
+DMEP_STATE = "dmep_state"   # the folder DMEPCallback adds to each Trainer checkpoint
+
+def _check_loaded_experts(module, state_dict, prefix, *args) -> None:
+    "Load hook: weights with another number of experts than `module` has are refused with the way out."
+    A = state_dict.get(f"{prefix}epng_A")
+    if torch.is_tensor(A) and A.shape[0] != module.n_experts:
+        raise EPnGError(f"{prefix}epng_A holds {A.shape[0]} LoRA experts, this module {module.n_experts}: the run that "
+                        "saved it removed experts. Give the adapter that structure first: trainer.train("
+                        "resume_from_checkpoint=callback.restore(checkpoint)) with DMEPCallback, load_dmep for an adapter.")
+
+@patch
+def on_train_begin(self: DMEPCallback, args, state, control, optimizer=None, **kwargs):
+    if state.global_step > 0 and not self._restored:
+        raise EPnGError(f"the Trainer resumes at step {state.global_step}, but DMEPCallback.restore was not called, so the "
+                        "assignment counts would start from zero: use trainer.train(resume_from_checkpoint="
+                        "callback.restore(checkpoint)).")
+    self.accumulation = args.gradient_accumulation_steps
+    if optimizer is not None: self.handle.bind_optimizer(optimizer)
+
+@patch
+def on_step_end(self: DMEPCallback, args, state, control, optimizer=None, **kwargs):
+    if (record := self.controller.step_end(state.global_step, optimizer)) is not None:
+        state.log_history.append({"step": state.global_step, "dmep_experts_kept": int(self.handle.kept().sum()),
+                                  "dmep_trainable_before": record["trainable_before"],
+                                  "dmep_trainable_after": record["trainable_after"]})
+
+@patch
+def on_save(self: DMEPCallback, args, state, control, **kwargs):
+    if not state.is_world_process_zero: return
+    with atomic_dir(Path(args.output_dir) / f"checkpoint-{state.global_step}" / DMEP_STATE) as tmp:
+        save_state({"controller": self.controller.state_dict()}, tmp, "state")
+
+# %% ../nbs/11c_dmep.ipynb #5178dad3
+def _check_kept(handle: DMEPHandle, kept) -> None:
+    have = {n: m.epng_expert_ids.tolist() for n, m in handle.modules.items()}
+    if not isinstance(kept, dict) or set(kept) != set(have):
+        raise EPnGError(f"the kept experts name other modules than this adapter's {len(have)}: they are another model's.")
+    for n, ids in kept.items():
+        if (not isinstance(ids, list) or not all(type(i) is int for i in ids) or not set(ids) <= set(have[n])
+                or ids != sorted(set(ids)) or len(ids) < handle.settings["top_k"]):
+            raise EPnGError(f"{n}: the experts {ids!r} are not >= top_k ascending numbers of this adapter's experts {have[n]}.")
+
+@patch
+def keep_only(self: DMEPHandle, kept: dict) -> None:
+    "Remove every expert not in `kept` (`{module: [expert numbers]}`, as `remove_experts` records it); slices the bound optimizer."
+    _check_kept(self, kept)
+    swapped = {}
+    for n, m in self.modules.items():
+        have = m.epng_expert_ids.tolist()
+        if kept[n] != have: swapped.update(m.keep_experts([have.index(i) for i in kept[n]]))
+    if self.optimizer is not None and swapped: slice_optimizer_state(self.optimizer, swapped)
+
+# %% ../nbs/11c_dmep.ipynb #b1e7a28e
+def read_dmep_checkpoint(folder) -> dict:
+    "The controller state DMEPCallback saved in the Trainer checkpoint `folder`."
+    folder = Path(folder)
+    if not (folder / DMEP_STATE).is_dir():
+        raise EPnGError(f"{folder} has no {DMEP_STATE} folder: the run stopped after the Trainer saved it and before "
+                        "DMEPCallback did, or it was not written by a Trainer with DMEPCallback.")
+    state = load_state(folder / DMEP_STATE, "state")
+    if not isinstance(state, dict) or set(state) != {"controller"} or not isinstance(state["controller"], dict):
+        raise StateFileError(f"{folder / DMEP_STATE} does not hold a DMEPCallback state.")
+    return state["controller"]
+
+def dmep_checkpoint(path) -> tuple[Path, dict]:
+    "`(folder, controller state)`: `path` if it is a `checkpoint-N` folder, else the newest complete one in the output folder `path`."
+    path = Path(path)
+    if path.name.startswith("checkpoint-") and path.name[11:].isdigit(): return path, read_dmep_checkpoint(path)
+    found = sorted((int(p.name[11:]), p) for p in path.glob("checkpoint-*") if p.name[11:].isdigit())
+    for _, folder in reversed(found):
+        try: return folder, read_dmep_checkpoint(folder)
+        except EPnGError as e: warnings.warn(f"skipping {folder.name}: {e}")
+    raise EPnGError(f"{path} holds no Trainer checkpoint with a DMEPCallback state: start the run anew.")
+
+@patch
+def restore(self: DMEPCallback, checkpoint) -> str:
+    """Before `trainer.train(resume_from_checkpoint=...)`: give the adapter the checkpoint's experts and the controller its
+    counts and removal record. `checkpoint`: a `checkpoint-N` folder, or the output folder (its newest); returns the folder."""
+    folder, state = dmep_checkpoint(checkpoint)
+    history = state.get("history")
+    record = history[0] if isinstance(history, list) and history and isinstance(history[0], dict) else {}
+    kept = record.get("kept", {n: m.epng_expert_ids.tolist() for n, m in self.handle.modules.items()})
+    try: _check_kept(self.handle, kept); self.controller.check_state(state, kept)   # all checked before anything changes
+    except EPnGError as e: raise EPnGError(f"{folder / DMEP_STATE}: {e}") from None
+    self.handle.keep_only(kept)
+    self.controller.load_state_dict(state)
+    self._restored = True
+    return str(folder)

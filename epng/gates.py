@@ -13,8 +13,9 @@ from .moe import EPnGError, MoELayer, find_moe_layers
 
 # %% auto #0
 __all__ = ['SCORE_FUNCTIONS', 'IMPORTANCE', 'gate_probs', 'gate_stats', 'token_mask', 'check_importance', 'router_outputs',
-           'infer_score_function', 'selection_departure', 'routing_stats', 'GateCollector', 'label_expert_axes',
-           'plot_expert_heatmap', 'domain_gate_means', 'js_divergence', 'importance_summary', 'plot_domain_routing']
+           'infer_score_function', 'selection_departure', 'routing_stats', 'GateCollector', 'routing_arguments',
+           'label_expert_axes', 'plot_expert_heatmap', 'domain_gate_means', 'js_divergence', 'importance_summary',
+           'plot_domain_routing']
 
 # %% ../nbs/04_gates.ipynb #edf6cfce
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,13 +122,15 @@ class GateCollector:
                  importance: str = "gate"):
         self.sink, self.training_only, self.enabled = sink, training_only, True
         self.importance, self.kinds, self.departures = check_importance(importance), {}, {}
-        self._mask, self._warned, self._outer_running, self._settled = None, False, False, {}
+        self._mask, self._warned, self._outer_running, self._settled, self._pending = None, False, False, {}, {}
         self._hooks = [model.register_forward_pre_hook(self._reader(model, outer=True), with_kwargs=True),
                        model.register_forward_hook(self._outer_done, always_call=True)]
         inner = getattr(model, "base_model", model)
         if inner is not model:   # called alone, the inner model brings its own mask; called by the outer, the outer's counts
             self._hooks.append(inner.register_forward_pre_hook(self._reader(inner, outer=False), with_kwargs=True))
         self._hooks += [layer.router.register_forward_hook(self._router_hook(layer)) for layer in layers]
+        self._hooks += [layer.experts.register_forward_pre_hook(self._experts_hook(layer), with_kwargs=True)
+                        for layer in layers]
 
     def _reader(self, module: nn.Module, outer: bool):
         signature = inspect.signature(module.forward)
@@ -158,19 +161,60 @@ def _router_hook(self: GateCollector, layer: MoELayer):
         if logits.shape[-1] < layer.num_experts:
             raise EPnGError(f"the router of MoE layer {layer.index} ({type(module).__name__}) returned {logits.shape[-1]} "
                             f"scores per token for {layer.num_experts} experts: epng cannot read it.")
-        importance, score_fn = self._reading(layer, logits, weights, index)
-        self.kinds[layer.index] = score_fn
-        mask = token_mask(self._mask, logits.shape[0])
-        sums, count = routing_stats(logits, weights, index, mask, importance,
-                                    "softmax" if score_fn in ("hash", "unknown") else score_fn)
-        self.sink(layer.index, sums[:layer.num_experts], count)
+        if index is None: self._pending[layer.index] = logits   # logits only: the block chooses, the experts are told
+        else: self._count(layer, logits, weights, index)
     return hook
+
+@patch
+def _count(self: GateCollector, layer: MoELayer, logits, weights, index):
+    "Hand the sink one routing call's sums under the reading this layer's router gets."
+    importance, score_fn = self._reading(layer, logits, weights, index)
+    self.kinds[layer.index] = score_fn
+    mask = token_mask(self._mask, logits.shape[0])
+    sums, count = routing_stats(logits, weights, index, mask, importance,
+                                "softmax" if score_fn in ("hash", "unknown") else score_fn)
+    self.sink(layer.index, sums[:layer.num_experts], count)
+
+
+# %% ../nbs/04_gates.ipynb #9c4d2b61
+def routing_arguments(experts: nn.Module) -> Callable:
+    "A function of an experts call's `(args, kwargs)` giving its `(weights, index)`: its second and third arguments."
+    params = [p for p in inspect.signature(experts.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    index_name, weights_name = [p.name for p in params[1:3]] if len(params) >= 3 else (None, None)
+    def read(args, kwargs):
+        index = args[1] if len(args) > 1 else kwargs.get(index_name)
+        return (args[2] if len(args) > 2 else kwargs.get(weights_name)), index
+    return read
+
+@patch
+def _experts_hook(self: GateCollector, layer: MoELayer):
+    read = routing_arguments(layer.experts)
+    def hook(module, args, kwargs):
+        logits = self._pending.pop(layer.index, None)
+        if logits is None:   # the router's own output was counted, or this call does not count, or ...
+            if (layer.index in self.kinds or not self.enabled or (self.training_only and not module.training)
+                or _in_backward()): return
+            raise EPnGError(  # ... the block routed without calling its router module
+                f"the experts of MoE layer {layer.index} ({layer.name}) ran, but its router "
+                f"({type(layer.router).__name__}) was never called: the block computes its routing scores without "
+                "calling the router module, so epng cannot read them (a transformers version whose block calls its "
+                "router can be read).")
+        weights, index = read(args, kwargs)
+        if not (torch.is_tensor(index) and torch.is_tensor(weights) and index.dim() == 2
+                and index.shape[0] == logits.shape[0]):
+            raise EPnGError(f"the router of MoE layer {layer.index} ({type(layer.router).__name__}) returns only logits, "
+                            f"and its block hands the experts no (tokens, k) choice for its {logits.shape[0]} tokens: "
+                            "epng cannot tell which experts were chosen, so it cannot read this router.")
+        if weights.shape != index.shape: weights = weights.gather(-1, index.long())   # a dense (tokens, E) table
+        self._count(layer, logits, weights, index)
+    return hook
+
 
 # %% ../nbs/04_gates.ipynb #29c7f48d
 @patch
 def _reading(self: GateCollector, layer: MoELayer, logits, weights, index) -> tuple[str, str]:
     "(importance, score function) for one call of `layer`'s router."
-    if weights is None: return self.importance, "softmax"   # logits only: a softmax router, as transformers' v4 ones
     if layer.routes_by_token: return ("selection" if self.importance == "gate" else self.importance), "hash"
     if layer.index in self._settled: score_fn = self._settled[layer.index]
     else:

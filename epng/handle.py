@@ -20,8 +20,14 @@ from .growth import grow_experts, prune_experts, rank_limit
 from .io import atomic_dir
 
 # %% auto #0
-__all__ = ['EPnGHandle', 'merge_into', 'attach', 'HandleSpentError', 'spend', 'spent_attribute', 'layer_groups', 'save_streaming',
-           'save_merged']
+__all__ = ['rank_costs', 'EPnGHandle', 'merge_into', 'attach', 'HandleSpentError', 'spend', 'spent_attribute', 'layer_groups',
+           'save_streaming', 'save_merged']
+
+# %% ../nbs/10_handle.ipynb #11abcd9a
+def rank_costs(layers: list[MoELayer], targets) -> list[int] | None:
+    "Parameters one rank costs in each MoE layer, or None when it is the same in all (then the budget counts ranks)."
+    costs = [layer.rank_cost(targets) for layer in layers]
+    return None if len(set(costs)) == 1 else costs
 
 # %% ../nbs/10_handle.ipynb #b56ff187
 class EPnGHandle:
@@ -32,13 +38,14 @@ class EPnGHandle:
         self.base_implementation, self.optimizer = base_implementation, None
         self.importance = ExpertImportance(len(layers), layers[0].num_experts, device=loras[0].slot_owner.device)
         self.collector = GateCollector(model, layers, self.importance.add, importance=config.importance)
-        self.budget = int(self.ranks.sum())
+        self.rank_costs = rank_costs(layers, config.targets)   # None: every layer's rank costs the same
+        self.budget = self.budget_used()
 
     def __repr__(self):
         if "_spent" in self.__dict__: return "EPnGHandle(spent: merged into its model by merge_and_unload)"
         return (f"EPnGHandle({len(self.layers)} MoE layers × {self.layers[0].num_experts} experts, "
                 f"targets={list(self.config.targets)}, ranks {self.ranks.min()}..{self.ranks.max()} "
-                f"(budget {self.budget}), trainable={self.num_trainable():,})")
+                f"(budget {self.budget}{'' if self.rank_costs is None else ' parameters'}), trainable={self.num_trainable():,})")
 
     @property
     def ranks(self) -> torch.Tensor:
@@ -47,9 +54,8 @@ class EPnGHandle:
 
     @property
     def max_rank(self) -> int:
-        "Cap on one expert's rank: `config.max_rank`, and never past what its projections allow."
-        limit = rank_limit(self.loras[0])
-        return min(self.config.max_rank or limit, limit)
+        "Cap on one expert's rank in any layer: `config.max_rank`, and never past what any layer's projections allow."
+        return min(self.max_ranks)
 
     def num_trainable(self) -> int:
         "Active LoRA parameters: each live rank costs `in + out` per target."
@@ -63,6 +69,19 @@ class EPnGHandle:
     def bind_optimizer(self, optimizer) -> None:
         "Keep `optimizer`'s state in step with every prune and grow (drop pruned, zero new, keep the rest)."
         self.optimizer = optimizer
+
+# %% ../nbs/10_handle.ipynb #eca092fd
+@patch(as_prop=True)
+def max_ranks(self: EPnGHandle) -> list[int]:
+    "Each MoE layer's cap on one expert's rank: `config.max_rank`, never past what that layer's projections allow."
+    return [min(self.config.max_rank or limit, limit) for limit in map(rank_limit, self.loras)]
+
+@patch
+def budget_used(self: EPnGHandle, ranks: torch.Tensor | None = None) -> int:
+    "What `ranks` (the current ranks if None) spend of the budget: their sum, or their parameters if `rank_costs` is set."
+    ranks = self.ranks if ranks is None else ranks
+    if self.rank_costs is None: return int(ranks.sum())
+    return int((torch.tensor(self.rank_costs)[:, None] * ranks).sum())
 
 # %% ../nbs/10_handle.ipynb #cbd4d6aa
 @patch
@@ -84,8 +103,8 @@ def grow(self: EPnGHandle, layer: int, expert: int, n: int, generator: torch.Gen
     "Add `n` orthogonally initialised ranks to `expert` in MoE layer `layer` (new rows drawn from `generator`)."
     lora = self._check(layer, expert)
     if not (isinstance(n, int) and n >= 1): raise EPnGError(f"grow needs a whole number of ranks >= 1, got {n!r}")
-    if int(lora.ranks[expert]) + n > self.max_rank:
-        raise EPnGError(f"growing expert ({layer}, {expert}) by {n} passes max_rank={self.max_rank}.")
+    if int(lora.ranks[expert]) + n > self.max_ranks[layer]:
+        raise EPnGError(f"growing expert ({layer}, {expert}) by {n} passes max_rank={self.max_ranks[layer]}.")
     grow_experts(lora, [expert], [n], self.optimizer, generator)
 
 @patch
@@ -102,17 +121,20 @@ def factors(self: EPnGHandle, layer: int, expert: int, target: str) -> tuple[tor
 def plan(self: EPnGHandle, prune: bool = True, grow: bool = True, delta: int | None = None) -> CyclePlan:
     "This cycle's plan from the importance gathered so far (nothing is changed)."
     return plan_cycle(self.importance.mean(), self.ranks, self.config.prune_ratio, self.config.grow_ratio,
-                      max_rank=self.max_rank, prune=prune, grow=grow, delta=delta,
-                      layer_slots=[lora.num_slots for lora in self.loras], per_layer=self.config.thresholds == "layer")
+                      max_rank=self.max_ranks, prune=prune, grow=grow, delta=delta,
+                      layer_slots=[lora.num_slots for lora in self.loras], per_layer=self.config.thresholds == "layer",
+                      costs=self.rank_costs, budget=None if self.rank_costs is None else self.budget)
 
 @patch
 def apply(self: EPnGHandle, plan: CyclePlan, generator: torch.Generator | None = None) -> None:
     "Carry out `plan`: prune, then grow (new A rows drawn from `generator`, the global RNG if None)."
     if not torch.equal(plan.ranks_before, self.ranks):
         raise EPnGError("this plan was made for other ranks than the model has now: make a new plan.")
-    grown = plan.added > 0
-    if grown.any() and int((plan.ranks_before + plan.added)[grown].max()) > self.max_rank:
-        raise EPnGError(f"this plan grows an expert past max_rank={self.max_rank}: make it with that max_rank.")
+    grown, caps = plan.added > 0, torch.tensor(self.max_ranks)[:, None]
+    if (over := grown & (plan.ranks_before + plan.added > caps)).any():
+        l = int(over.nonzero()[0, 0])
+        where = "" if len(set(self.max_ranks)) == 1 else f" in MoE layer {l}"
+        raise EPnGError(f"this plan grows an expert past max_rank={self.max_ranks[l]}{where}: make it with that max_rank.")
     for layer, (row, lora) in enumerate(zip(plan.ranks_after, self.loras)):
         if int(row.sum()) > lora.num_slots:
             raise EPnGError(f"this plan puts {int(row.sum())} ranks in MoE layer {layer}, which has {lora.num_slots} "
@@ -154,13 +176,18 @@ def attach(model: nn.Module, config: EPnGConfig | None = None) -> EPnGHandle:
     "Put EPnG's per-expert LoRA on every MoE layer of `model` (frozen otherwise) and return the handle."
     config = config or EPnGConfig()
     layers = find_moe_layers(model)
-    sizes = {(l.num_experts, l.hidden_size, l.intermediate_size) for l in layers}
-    if len(sizes) > 1:
-        raise UnsupportedExpertsError(f"MoE layers differ in size {sorted(sizes)}: epng's rank budget assumes every "
-                                      "MoE layer has the same experts (E, H, I).")
-    if config.rank > min(layers[0].hidden_size, layers[0].intermediate_size):
-        raise EPnGError(f"rank {config.rank} is larger than the expert projections allow "
-                        f"({min(layers[0].hidden_size, layers[0].intermediate_size)}): lower EPnGConfig.rank.")
+    if len({l.num_experts for l in layers}) > 1:
+        counts = ", ".join(f"{l.name}: {l.num_experts}" for l in layers)
+        raise UnsupportedExpertsError(f"MoE layers have different numbers of experts ({counts[:300]}): epng keeps ranks "
+                                      "and importance in one (MoE layers × experts) table, so every MoE layer needs the "
+                                      "same number of experts. Layers that differ only in width (hidden or expert "
+                                      "intermediate size) are supported: their budget counts parameters.")
+    limits = [min(l.hidden_size, l.intermediate_size) for l in layers]
+    for layer, limit in zip(layers, limits):
+        if config.rank > limit:
+            where = "" if len(set(limits)) == 1 else f" in {layer.name}"
+            raise EPnGError(f"rank {config.rank} is larger than the expert projections allow ({limit}{where}): "
+                            "lower EPnGConfig.rank.")
     base = experts_implementation(model)
     return EPnGHandle(model, layers, install_expert_lora(model, layers, config), config, base)
 

@@ -8,6 +8,7 @@ import json, os, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 import torch
+from torch.nn.functional import pad
 import torch.distributed as dist
 from matplotlib.colors import ListedColormap, TwoSlopeNorm
 from transformers import TrainerCallback
@@ -26,9 +27,10 @@ from fastcore.basics import patch
 __all__ = ['LORA_METHODS', 'ADAPTER_METHODS', 'METHODS', 'EPNG_STATE', 'OLD_EPNG_STATE', 'OLD_FORMAT_HINT', 'GROUP_COLORS',
            'GROUP_NAMES', 'check_method', 'is_cycle_step', 'cycle_steps', 'world_size', 'average_over_processes',
            'cycle_generator', 'grow_only_delta', 'CycleRecord', 'check_controller_state', 'EPnGController',
-           'set_router_aux_loss', 'slot_owners', 'check_ranks', 'restore_ranks', 'read_trainer_checkpoint',
-           'complete_trainer_checkpoint', 'zero_stage', 'unreachable_state', 'prepare_zero3', 'EPnGCallback',
-           'cycle_tables', 'plot_cycle_history', 'importance_groups', 'plot_importance_shift', 'plot_losses']
+           'set_router_aux_loss', 'slot_owners', 'check_ranks', 'check_budget_kept', 'restore_ranks',
+           'read_trainer_checkpoint', 'complete_trainer_checkpoint', 'zero_stage', 'unreachable_state', 'prepare_zero3',
+           'EPnGCallback', 'cycle_tables', 'plot_cycle_history', 'importance_groups', 'plot_importance_shift',
+           'plot_losses']
 
 # %% ../nbs/11_loop.ipynb #5c09e663
 LORA_METHODS = ("static", "prune_only", "grow_only", "epng")   # the schedules EPnGController runs
@@ -193,13 +195,14 @@ OLD_FORMAT_HINT = ("it was written by an older epng as a pickle, which is not lo
                    "code; restart the run with this epng (or load it with the older version you trust)")
 
 def slot_owners(handle: EPnGHandle) -> torch.Tensor:
-    "Who owns each rank slot, (MoE layers × slots), on the CPU (-1: free)."
-    return torch.stack([lora.slot_owner for lora in handle.loras]).cpu()
+    "Who owns each rank slot, (MoE layers × slots), on the CPU (-1: free, and past the end of a layer with fewer slots)."
+    width = max(lora.num_slots for lora in handle.loras)
+    return torch.stack([pad(lora.slot_owner, (0, width - lora.num_slots), value=-1) for lora in handle.loras]).cpu()
 
 def check_ranks(handle: EPnGHandle, ranks, slot_owner, method: str | None = None) -> None:
     """Check saved per-expert `ranks` and `slot_owner` against `handle` and the run's `method`: whole numbers within
-    what the experts allow, a rank sum the method keeps (static and epng: exactly the budget), and slot owners that
-    give each expert as many slots as its rank."""
+    what each layer's experts allow, a budget the method keeps (`check_budget_kept`), and slot owners that give each
+    expert as many slots as its rank."""
     if not torch.is_tensor(ranks):
         raise EPnGError(f"the checkpoint's ranks are a {type(ranks).__name__}, not a tensor: the checkpoint is damaged.")
     if tuple(ranks.shape) != tuple(handle.ranks.shape):
@@ -207,32 +210,40 @@ def check_ranks(handle: EPnGHandle, ranks, slot_owner, method: str | None = None
                         f"{tuple(handle.ranks.shape)}: resume into the model the run was started with.")
     if ranks.dtype != torch.long:
         raise EPnGError(f"the checkpoint's ranks are {ranks.dtype}, not whole numbers (int64): the checkpoint is damaged.")
-    limit = rank_limit(handle.loras[0])
-    if int(ranks.min()) < 0 or int(ranks.max()) > limit:
+    limits = [rank_limit(lora) for lora in handle.loras]
+    if int(ranks.min()) < 0 or bool((ranks > torch.tensor(limits)[:, None]).any()):
+        allowed = limits[0] if len(set(limits)) == 1 else f"{'/'.join(map(str, limits))} by MoE layer"
         raise EPnGError(f"the checkpoint's ranks ({int(ranks.min())}..{int(ranks.max())}) are impossible for this model "
-                        f"(whole ranks 0..{limit}): the checkpoint is damaged.")
-    total, budget = int(ranks.sum()), handle.budget
-    keeps = {"static": total == budget, "epng": total == budget, "prune_only": total <= budget,
-             "grow_only": total >= budget}   # prune-only frees ranks, grow-only adds them; the others move them
-    if method is not None and not keeps[check_method(method, LORA_METHODS)]:
-        rule = {"prune_only": "cannot rise above", "grow_only": "cannot fall below"}.get(method, "keeps")
-        raise EPnGError(f"the checkpoint's ranks sum to {total}, but a {method} run {rule} its budget of {budget}: "
-                        "the checkpoint is damaged (or from another rank r0); resume from another one.")
+                        f"(whole ranks 0..{allowed}): the checkpoint is damaged.")
+    check_budget_kept(handle, ranks, method)
     shape = tuple(slot_owners(handle).shape)
     if not torch.is_tensor(slot_owner) or slot_owner.dtype != torch.long or tuple(slot_owner.shape) != shape:
         raise EPnGError(f"the checkpoint's slot owners are not a whole-number tensor of shape {shape} (MoE layers × "
                         "slots): it is damaged, or from a run with another layer_capacity; resume with that one.")
-    for row, owner in zip(ranks, slot_owner):
-        if not owners_agree(owner, row.tolist()):
+    for row, owner, lora in zip(ranks, slot_owner, handle.loras):
+        if not owners_agree(owner[:lora.num_slots], row.tolist()) or bool((owner[lora.num_slots:] != -1).any()):
             raise EPnGError("the checkpoint's slot owners do not give each expert as many slots as its rank: the "
                             "checkpoint is damaged; resume from another one.")
+
+# %% ../nbs/11_loop.ipynb #17b90a64
+def check_budget_kept(handle: EPnGHandle, ranks: torch.Tensor, method: str | None = None) -> None:
+    "Raise unless `ranks` spend what a `method` run keeps of `handle.budget` (in ranks, or in parameters)."
+    total, budget, costs = handle.budget_used(ranks), handle.budget, handle.rank_costs
+    slack = 0 if costs is None else max(costs) - 1          # in parameters: a remainder carried to the next cycle
+    keeps = {"static": total == budget, "epng": budget - slack <= total <= budget, "prune_only": total <= budget,
+             "grow_only": total >= budget}   # prune-only frees ranks, grow-only adds them; the others move them
+    if method is not None and not keeps[check_method(method, LORA_METHODS)]:
+        rule = {"prune_only": "cannot rise above", "grow_only": "cannot fall below"}.get(method, "keeps")
+        spent, unit = ("sum to", "") if costs is None else ("spend", " parameters")
+        raise EPnGError(f"the checkpoint's ranks {spent} {total}{unit}, but a {method} run {rule} its budget of "
+                        f"{budget}{unit}: the checkpoint is damaged (or from another rank r0); resume from another one.")
 
 # %% ../nbs/11_loop.ipynb #849f29e7
 @torch.no_grad()
 def restore_ranks(handle: EPnGHandle, ranks: torch.Tensor, slot_owner: torch.Tensor, method: str | None = None) -> None:
     "Give `handle` the saved per-expert `ranks` and `slot_owner` after `check_ranks` (factors load separately)."
     check_ranks(handle, ranks, slot_owner, method)
-    for lora, row, owner in zip(handle.loras, ranks, slot_owner): lora.assign_ranks(row, owner)
+    for lora, row, owner in zip(handle.loras, ranks, slot_owner): lora.assign_ranks(row, owner[:lora.num_slots])
 
 # %% ../nbs/11_loop.ipynb #f68bd15a
 def read_trainer_checkpoint(folder) -> dict:

@@ -12,7 +12,7 @@ from torch import nn
 from fastcore.basics import patch
 from .compat import (apply_gate, grouped_experts_forward, grouped_linear, register_experts_function,
                          renamed_attribute, set_experts_implementation)
-from .moe import MoELayer, EPnGError
+from .moe import MoELayer, EPnGError, fused_bias, fused_weight
 
 # %% auto #0
 __all__ = ['OUTPUT_BLOCK', 'EPNG_IMPLEMENTATION', 'kaiming_rows', 'round_up', 'rank_limit_of', 'layer_slots', 'ExpertLoRA',
@@ -48,13 +48,13 @@ def layer_slots(config, num_experts: int, limit: int) -> int:
 class ExpertLoRA(nn.Module):
     "LoRA factors of all experts of one MoE layer in a fixed pool of rank slots; `slot_owner` says whose each slot is."
     def __init__(self, num_experts: int, shapes: dict, rank: int, scaling: float, slots: int | None = None,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, gate_up_layout: str = "concatenated"):
         super().__init__()
         slots = num_experts * rank if slots is None else slots
         if slots < num_experts * rank:
             raise EPnGError(f"{slots} rank slots cannot hold {num_experts} experts at rank {rank}: give at least "
                             f"{num_experts * rank}.")
-        self.shapes, self.scaling = dict(shapes), scaling
+        self.shapes, self.scaling, self.gate_up_layout = dict(shapes), scaling, gate_up_layout  # see output_rows
         self.per_token_a = None  # the fast-path switches (appendix): None = decide by device, True/False = force
         self.grouped_b = None
         self._layout = None      # the slot groups, rebuilt after every change of ownership
@@ -85,8 +85,11 @@ class ExpertLoRA(nn.Module):
 # %% ../nbs/08_lora.ipynb #ea2a9425
 @patch
 def output_rows(self: ExpertLoRA, target: str) -> slice:
-    "Where `target`'s outputs sit in its fused weight: gate rows first in `gate_up_proj`, all of `down_proj`."
+    """Where `target`'s outputs sit in its fused weight: gate rows first in `gate_up_proj` (every other row from 0 for
+    gate, from 1 for up when interleaved), all of `down_proj`, all of `up_proj` in experts without a gate."""
     width = self.shapes[target][1]
+    if target == "down_proj" or self.gate_up_layout == "up only": return slice(0, width)
+    if self.gate_up_layout == "interleaved": return slice(OUTPUT_BLOCK[target], 2 * width, 2)
     return slice(OUTPUT_BLOCK[target] * width, (OUTPUT_BLOCK[target] + 1) * width)
 
 @patch
@@ -96,7 +99,8 @@ def _load_from_state_dict(self: ExpertLoRA, *args, **kwargs):
 
 @patch
 def extra_repr(self: ExpertLoRA) -> str:
-    return f"targets={list(self.shapes)}, experts={self.num_experts}, slots={self.num_slots}, scaling={self.scaling}"
+    layout = "" if self.gate_up_layout == "concatenated" else f", gate_up_layout={self.gate_up_layout!r}"
+    return f"targets={list(self.shapes)}, experts={self.num_experts}, slots={self.num_slots}, scaling={self.scaling}{layout}"
 
 # %% ../nbs/08_lora.ipynb #115638c4
 try: from torch.distributed.tensor import DTensor, Shard
@@ -284,6 +288,7 @@ class AddIntoColumns(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         part = grad[:, ctx.cols]
+        if ctx.cols.step not in (None, 1): part = part.contiguous()   # interleaved columns: grouped matmuls want rows whole
         return grad, None, part if ctx.rows is None else part.index_select(0, ctx.rows), None
 
 # %% ../nbs/08_lora.ipynb #abfabddb
@@ -328,7 +333,10 @@ def _add_b(self: ExpertLoRA, out: torch.Tensor, targets: tuple, u: torch.Tensor,
     "u B_eᵀ of each target into its columns of `out`: one target's output beside `out` at a time."
     if rows is None and sum(self.shapes[t][1] for t in targets) == out.shape[1]:   # B's outputs fill `out`
         if len(targets) == 1: return out.add_(grouped_linear(u, b[0], offsets))
-        if self._use_grouped_b(u.device): return out.add_(grouped_linear(u, block_diagonal(b), offsets))
+        if self._use_grouped_b(u.device):
+            both = block_diagonal(b)                                       # (G, [gate; up], n·w)
+            if self.gate_up_layout == "interleaved": both = both.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
+            return out.add_(grouped_linear(u, both, offsets))
     w = b[0].shape[2]
     for k, target in enumerate(targets):
         part = grouped_linear(u[:, k * w:(k + 1) * w], b[k], offsets)
@@ -349,12 +357,13 @@ def epng_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.T
     routes = lora.routes(expert_ids, offsets) if lora is not None else None   # one regrouping for every target
     routed = extra.route(expert_ids) if extra is not None else None  # the extra term's own rows and offsets
 
-    gate_up = grouped_linear(x, self.gate_up_proj, offsets)
+    bias = lambda target: fused_bias(self, target)[expert_ids] if self.has_bias else None   # frozen, as transformers adds it
+    gate_up = grouped_linear(x, fused_weight(self, "up_proj"), offsets, bias("up_proj"), self.is_transposed)
     if lora is not None and lora.gate_up_targets:  # in place: the grouped matmul's backward does not need its output
         gate_up = lora.add_delta(gate_up, lora.gate_up_targets, x, routes, (hidden_states, token_of_row, expert_ids))
     if extra is not None: gate_up = extra.add_gate_up(gate_up, x, routed)
     hidden = apply_gate(self, gate_up)
-    out = grouped_linear(hidden, self.down_proj, offsets)
+    out = grouped_linear(hidden, self.down_proj, offsets, bias("down_proj"), self.is_transposed)
     if lora is not None and "down_proj" in lora.shapes: out = lora.add_delta(out, ("down_proj",), hidden, routes)
     if extra is not None: out = extra.add_down(out, hidden, routed)
     if getattr(self, "has_post_expert_norm", False): out = self.post_expert_norm(out)  # absent before transformers 5.2x
@@ -379,10 +388,10 @@ def install_expert_lora(model: nn.Module, layers: list[MoELayer], config) -> lis
     model.requires_grad_(False)
     loras = []
     for layer in layers:
-        weight, shapes = layer.experts.gate_up_proj, layer.target_shapes(config.targets)
+        weight, shapes = fused_weight(layer.experts, "up_proj"), layer.target_shapes(config.targets)
         lora = ExpertLoRA(layer.num_experts, shapes, config.rank, config.scaling,
                           layer_slots(config, layer.num_experts, rank_limit_of(shapes)),
-                          dtype=lora_dtype(weight), device=weight.device)
+                          dtype=lora_dtype(weight), device=weight.device, gate_up_layout=layer.gate_up_layout)
         layer.experts.epng_lora = lora
         loras.append(lora)
     set_experts_implementation(model, layers, EPNG_IMPLEMENTATION)
@@ -397,12 +406,14 @@ def delta_weight(self: ExpertLoRA, target: str, expert: int) -> torch.Tensor:
 
 @torch.no_grad()
 def merge_expert_lora(layer: MoELayer) -> None:
-    "Add s·BA of every expert into `layer`'s fused weights and remove its `epng_lora`."
+    "Add s·BA of every expert into `layer`'s fused weights (ΔWᵀ into transposed ones) and remove its `epng_lora`."
     experts, lora = layer.experts, layer.experts.epng_lora
     for target in lora.shapes:
-        weight, rows = experts.down_proj if target == "down_proj" else experts.gate_up_proj, lora.output_rows(target)
+        weight, rows = fused_weight(experts, target), lora.output_rows(target)
         for e in range(lora.num_experts):
-            weight[e, rows] += lora.delta_weight(target, e).to(weight.dtype)
+            delta = lora.delta_weight(target, e).to(weight.dtype)                  # (out, in)
+            if experts.is_transposed: weight[e, :, rows] += delta.T                # stored (in, out)
+            else: weight[e, rows] += delta
     del experts.epng_lora
 
 # %% ../nbs/08_lora.ipynb #6931cc8e

@@ -49,7 +49,7 @@ def select_sieve_experts(counts, share: float = SIEVE_SHARE) -> torch.Tensor:
 
 # %% ../nbs/11b_methods.ipynb #e9d78bcb
 def attach_sieve(model: nn.Module, selected, config: EPnGConfig | None = None) -> EPnGHandle:
-    "Static LoRA of rank `config.rank` on the `selected` (MoE layers × experts) experts only; the budget is their rank sum."
+    "Static LoRA of rank `config.rank` on the `selected` (MoE layers × experts) experts only; the budget is what they spend."
     config = config or EPnGConfig()
     selected = torch.as_tensor(selected).cpu()
     if selected.dtype != torch.bool or selected.dim() != 2 or not selected.any(1).all():
@@ -61,7 +61,7 @@ def attach_sieve(model: nn.Module, selected, config: EPnGConfig | None = None) -
                         f"{(len(layers), layers[0].num_experts)} (MoE layers × experts): select on this model.")
     handle = attach(model, config)
     for lora, keep in zip(handle.loras, selected): lora.assign_ranks(keep.long() * config.rank)
-    handle.budget = int(handle.ranks.sum())
+    handle.budget = handle.budget_used()              # their rank sum, or their parameters when layer widths differ
     return handle
 
 # %% ../nbs/11b_methods.ipynb #f4c24f34
@@ -122,10 +122,10 @@ class DRLoRAController:
         self.handle, self.method, self.max_steps, self.seed, self.history = handle, method, max_steps, seed, []
         self.r_init, self.r_max = cfg.rank, handle.max_rank
         self.r_target, self.gamma, self.decay = r_target or 2 * cfg.rank, gamma, decay
-        E = handle.layers[0].num_experts
-        if not self.r_init <= self.r_target <= self.r_max or E * self.r_target > handle.loras[0].num_slots:
+        E, slots = handle.layers[0].num_experts, min(lora.num_slots for lora in handle.loras)
+        if not self.r_init <= self.r_target <= self.r_max or E * self.r_target > slots:
             raise EPnGError(f"r_target={self.r_target} needs r_init={self.r_init} <= r_target <= max_rank={self.r_max} "
-                            f"and {E * self.r_target} rank slots per layer (there are {handle.loras[0].num_slots}): "
+                            f"and {E * self.r_target} rank slots per layer (there are {slots}): "
                             "attach with dr_lora_config(config, r_target=...).")
         self.step_size = grow_step(self.r_init, self.r_max, grow_share)
         self.events = cycle_steps(max_steps, cfg.warmup_steps, cfg.cycle_interval)

@@ -12,8 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, OlmoeConfig, Qwen2Moe
 
 # %% auto #0
 __all__ = ['TARGETS', 'PAPER_MODELS', 'EPnGError', 'NoMoELayerError', 'UnsupportedExpertsError', 'tiny_moe_config', 'MoELayer',
-           'check_targets', 'is_fused_experts', 'check_expert_layout', 'find_moe_layers', 'offline_config',
-           'count_parameters', 'meta_model', 'lora_parameters', 'trainable_share']
+           'check_targets', 'is_fused_experts', 'gate_up_layout', 'fused_name', 'fused_weight', 'fused_bias',
+           'check_expert_layout', 'find_moe_layers', 'offline_config', 'count_parameters', 'meta_model',
+           'lora_parameters', 'trainable_share']
 
 # %% ../nbs/00_moe.ipynb #f39cf623
 class EPnGError(ValueError):
@@ -48,11 +49,18 @@ _TINY_SHAPES = {  # architecture-specific names for "routed experts", "expert wi
     "gemma4_text": dict(intermediate_size=64, enable_moe_block=True, num_experts=8, top_k_experts=2,  # MoE in the layer
                         moe_intermediate_size=32, head_dim=16, global_head_dim=16, hidden_size_per_layer_input=0,
                         vocab_size_per_layer_input=256, layer_types=["sliding_attention", "full_attention"]),
+    # expert layouts of other kinds: interleaved gate/up, transposed, with biases; transposed; no gate
+    "gpt_oss": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                    sliding_window=64, layer_types=["sliding_attention", "full_attention"]),
+    "aria_text": dict(intermediate_size=32, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1, head_dim=16),
+    "nemotron_h": dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, head_dim=16,
+                       moe_shared_expert_intermediate_size=32, layers_block_type=["attention", "moe", "moe"]),
 }
 
 def tiny_moe_config(arch: str = "olmoe", **overrides):
     """A small config of a real MoE architecture for CPU experiments: `olmoe`, `qwen2_moe`, `mixtral`, `qwen3_moe`, and
-    for routers of other kinds `deepseek_v3`, `minimax_m2`, `deepseek_v4`, `afmoe`, `hunyuan_v1_moe`, `gemma4_text`."""
+    for routers of other kinds `deepseek_v3`, `minimax_m2`, `deepseek_v4`, `afmoe`, `hunyuan_v1_moe`, `gemma4_text`,
+    for expert layouts of other kinds `gpt_oss`, `aria_text`, `nemotron_h`."""
     if arch not in _TINY_SHAPES:
         raise EPnGError(f"unknown architecture {arch!r}: choose one of {sorted(_TINY_SHAPES)}")
     kwargs = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -77,12 +85,19 @@ class MoELayer:
     shared_expert: nn.Module | None = field(default=None, repr=False)
     routes_by_token: bool = False  # the router chooses experts from token ids (a hash layer), not from scores
 
+    @property
+    def gate_up_layout(self) -> str:
+        "Where gate and up sit in the first fused weight: 'concatenated', 'interleaved' or 'up only' (no gate)."
+        return gate_up_layout(self.experts)
+
     def target_shapes(self, targets) -> dict:
         "`{target: (in_features, out_features)}` of one expert's projections."
+        targets = check_targets(targets)
+        if "gate_proj" in targets and self.gate_up_layout == "up only": raise _no_gate(self, targets)
         shapes = {"gate_proj": (self.hidden_size, self.intermediate_size),
                   "up_proj": (self.hidden_size, self.intermediate_size),
                   "down_proj": (self.intermediate_size, self.hidden_size)}
-        return {t: shapes[t] for t in check_targets(targets)}
+        return {t: shapes[t] for t in targets}
 
     def rank_cost(self, targets) -> int:
         "Parameters that one LoRA rank of one expert costs: the sum of `in + out` over the targets."
@@ -100,28 +115,63 @@ def check_targets(targets) -> tuple:
                         f"(unknown: {unknown})")
     return targets
 
+def _no_gate(layer: MoELayer, targets: tuple) -> UnsupportedExpertsError:
+    # refused, not changed: the default targets (gate_proj, up_proj) silently becoming (up_proj,) would train another model
+    return UnsupportedExpertsError(
+        f"the experts of {layer.name} ({type(layer.experts).__name__}) have no gate projection: each expert is "
+        f"down(act(up x)), with one up_proj. targets {targets} name 'gate_proj': choose targets=('up_proj',) or "
+        "('up_proj', 'down_proj') (epng train --targets up_proj down_proj). epng's default targets, "
+        "('gate_proj', 'up_proj'), are refused on such a model rather than changed behind your back.")
+
 # %% ../nbs/00_moe.ipynb #c2b6cee8
 def is_fused_experts(module: nn.Module) -> bool:
     "True for an experts module built by transformers' `use_experts_implementation` decorator."
     return all(hasattr(module, a) for a in ("has_gate", "is_concatenated", "is_transposed", "down_proj"))
 
-def check_expert_layout(experts: nn.Module, name: str):
-    "Raise `UnsupportedExpertsError` unless `experts` stores `gate_up_proj` (E, 2I, H), gate rows first, and `down_proj` (E, H, I)."
-    problems = [msg for bad, msg in [
-        (not experts.has_gate, "no gate projection (only up_proj)"),
-        (not experts.is_concatenated, "gate and up rows interleaved, not concatenated"),
-        (experts.is_transposed, "weights stored transposed (E, in, out)"),
-        (experts.has_bias, "expert biases"),
-        (getattr(experts, "_is_expert_parallel", False), "expert parallelism"),
-    ] if bad]
-    if not problems:
-        gu, down = experts.gate_up_proj, experts.down_proj
-        if gu.dim() != 3 or down.dim() != 3 or gu.shape[1] != 2 * down.shape[2] or gu.shape[2] != down.shape[1]:
-            problems.append(f"gate_up_proj {tuple(gu.shape)} and down_proj {tuple(down.shape)} are not (E, 2I, H) and (E, H, I)")
-    if problems:
-        raise UnsupportedExpertsError(
-            f"{name} ({type(experts).__name__}) has an expert layout epng does not support: {'; '.join(problems)}. "
-            "epng adapts fused experts with gate_up_proj (E, 2I, H) and down_proj (E, H, I), no bias, on one device.")
+def gate_up_layout(experts: nn.Module) -> str:
+    "How gate and up share the first fused weight: 'concatenated' ([gate; up]), 'interleaved' (gate 0::2, up 1::2), 'up only'."
+    if not getattr(experts, "has_gate", True): return "up only"
+    return "concatenated" if getattr(experts, "is_concatenated", True) else "interleaved"
+
+def fused_name(experts: nn.Module, target: str) -> str:
+    "The fused parameter that holds `target`: 'down_proj', else 'gate_up_proj' ('up_proj' for experts without a gate)."
+    if target == "down_proj": return "down_proj"
+    return "up_proj" if gate_up_layout(experts) == "up only" else "gate_up_proj"
+
+def fused_weight(experts: nn.Module, target: str) -> torch.Tensor:
+    "The fused (E, …) weight that holds `target`, in the experts' own layout."
+    return getattr(experts, fused_name(experts, target))
+
+def fused_bias(experts: nn.Module, target: str) -> torch.Tensor | None:
+    "The (E, out) bias of the fused weight that holds `target`, or None (epng never trains it)."
+    return getattr(experts, fused_name(experts, target) + "_bias") if getattr(experts, "has_bias", False) else None
+
+# %% ../nbs/00_moe.ipynb #dd11cd99
+def check_expert_layout(experts: nn.Module, name: str) -> tuple[int, int, int]:
+    """`(E, H, I)` of fused `experts`, read from weights stored (E, out, in) or transposed (E, in, out), gate and up
+    concatenated or interleaved or no gate, with or without biases; `UnsupportedExpertsError` when they do not fit."""
+    kind = f"{name} ({type(experts).__name__})"
+    if getattr(experts, "_is_expert_parallel", False):
+        raise UnsupportedExpertsError(f"{kind} is split across processes (expert parallelism): epng adapts experts "
+                                      "that each process holds whole; shard the model with FSDP instead.")
+    names = [fused_name(experts, "up_proj"), "down_proj"]
+    names += [n + "_bias" for n in names] if getattr(experts, "has_bias", False) else []
+    missing = [n for n in names if not isinstance(getattr(experts, n, None), torch.Tensor)]
+    if missing:
+        declared = "no gate projection (only up_proj)" if names[0] == "up_proj" else "gate and up in gate_up_proj"
+        raise UnsupportedExpertsError(f"{kind} declares {declared}{' with biases' * bool(experts.has_bias)} but has "
+                                      f"no {', '.join(missing)}: epng cannot tell where its projections are.")
+    up, down = getattr(experts, names[0]), experts.down_proj
+    order = "(E, in, out), transposed" if experts.is_transposed else "(E, out, in)"
+    gates = 1 if gate_up_layout(experts) == "up only" else 2
+    if up.dim() == 3 and down.dim() == 3:
+        (up_out, H), (down_out, I) = [(w.shape[2], w.shape[1]) if experts.is_transposed else tuple(w.shape[1:])
+                                      for w in (up, down)]
+        if up.shape[0] == down.shape[0] and up_out == gates * I and down_out == H: return up.shape[0], H, I
+    raise UnsupportedExpertsError(
+        f"{kind}: {names[0]} {tuple(up.shape)} and down_proj {tuple(down.shape)} are not the {order} weights of "
+        f"E experts with {'2I outputs (gate and up)' if gates == 2 else 'I outputs (up only)'} and I inputs: "
+        "epng cannot tell which slice is which expert's projection.")
 
 # %% ../nbs/00_moe.ipynb #3f666aaf
 def _has_weight(module: nn.Module, shape: tuple) -> bool:
@@ -180,20 +230,19 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
                 "weights: load the model with transformers >= 5.")
         if not is_fused_experts(module): continue
         block_name = name.rpartition(".")[0]
-        check_expert_layout(module, name)
+        num_experts, hidden, inter = check_expert_layout(module, name)
         block = model.get_submodule(block_name)
-        num_experts, _, hidden = module.gate_up_proj.shape
         router = _find_router(block, module, num_experts, hidden, block_name)
         top_k = _top_k(router, module.config, block_name)
-        layers.append(MoELayer(len(layers), block_name, block, router, module, num_experts, top_k, hidden,
-                               module.down_proj.shape[2], _find_shared_expert(block), _routes_by_token(router)))
+        layers.append(MoELayer(len(layers), block_name, block, router, module, num_experts, top_k, hidden, inter,
+                               _find_shared_expert(block), _routes_by_token(router)))
     if not layers and _other_experts(model):
         raise UnsupportedExpertsError(
             f"{type(model).__name__} has experts, but not in transformers' fused-experts layout: "
-            f"{', '.join(_other_experts(model)[:3])}. epng adapts experts whose weights are stacked in gate_up_proj "
-            "(E, 2I, H) and down_proj (E, H, I) on a module decorated with use_experts_implementation; convert the "
-            "experts to that layout (as transformers 5 does for OLMoE, Qwen2-MoE, Mixtral, Qwen3-MoE) or adapt this "
-            "model with another method.")
+            f"{', '.join(_other_experts(model)[:3])}. epng adapts experts whose weights are stacked in 3-D tensors "
+            "(gate_up_proj or up_proj, and down_proj) on a module decorated with use_experts_implementation; convert "
+            "the experts to that layout (as transformers 5 does for OLMoE, Qwen2-MoE, Mixtral, Qwen3-MoE, GPT-OSS) or "
+            "adapt this model with another method.")
     if not layers:
         raise NoMoELayerError(
             f"found no MoE layer in {type(model).__name__}: epng needs a transformers (>= 5) MoE whose experts use "

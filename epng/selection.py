@@ -13,8 +13,8 @@ from .compat import moved_names
 from .compat import renamed_arguments
 
 # %% auto #0
-__all__ = ['ranked_experts', 'select_prune', 'growth_candidates', 'select_grow', 'BudgetError', 'deal_ranks', 'CyclePlan',
-           'plan_cycle', 'synthetic_importance', 'plot_plan', 'selection_explorer']
+__all__ = ['ranked_experts', 'select_prune', 'growth_candidates', 'select_grow', 'BudgetError', 'per_layer_values', 'deal_ranks',
+           'CyclePlan', 'spendable', 'plan_cycle', 'synthetic_importance', 'plot_plan', 'selection_explorer']
 
 # %% ../nbs/07_selection.ipynb #31162586
 def _count(fraction: float, n: int, rounding) -> int:
@@ -48,35 +48,46 @@ def select_grow(importance: torch.Tensor, grow_ratio: float, exclude: torch.Tens
 class BudgetError(EPnGError):
     "The freed ranks cannot all be placed under `max_rank` and the layers' slots."
 
-def deal_ranks(freed: int, order: torch.Tensor, ranks: torch.Tensor, max_rank: int | None = None,
+def per_layer_values(value, num_layers: int, default=math.inf) -> list:
+    "`value` for each of `num_layers` layers: a list as it is, one number repeated, None as `default`."
+    return list(value) if isinstance(value, (list, tuple)) else [default if value is None else value] * num_layers
+
+def deal_ranks(freed: int, order: torch.Tensor, ranks: torch.Tensor, max_rank: int | list[int] | None = None,
                delta: int | None = None, limit_to_freed: bool = True, spill: torch.Tensor | None = None,
-               layer_slots: list[int] | None = None) -> torch.Tensor:
+               layer_slots: list[int] | None = None, costs: list[int] | None = None) -> torch.Tensor:
     """Ranks to add per expert (same shape as `ranks`): deal `freed` ranks round-robin along `order` (flat indices),
-    skipping experts at `max_rank` or in a layer whose `layer_slots` are all in use, and once all of `order` is full,
-    along `spill`. With `delta`, each expert in `order` gets up to `delta` (while `freed` lasts if `limit_to_freed`)."""
-    cap = max_rank if max_rank is not None else math.inf
+    skipping experts at `max_rank` (one cap, or one per layer) or in a layer whose `layer_slots` are all in use, and
+    once all of `order` is full, along `spill`. With `delta`, each expert in `order` gets up to `delta` (while `freed`
+    lasts if `limit_to_freed`). With `costs` (parameters one rank costs, per layer) `freed` counts parameters and each
+    rank spends its layer's cost; what no open expert's rank fits in is left unspent."""
+    E = ranks.shape[-1]
     current = ranks.flatten().cpu().tolist()
-    added, E = [0] * len(current), ranks.shape[-1]
-    room = ([math.inf] * (len(current) // E) if layer_slots is None
+    added, L = [0] * len(current), len(current) // E
+    cap, price = per_layer_values(max_rank, L), per_layer_values(costs, L, 1)
+    room = ([math.inf] * L if layer_slots is None
             else [s - int(r) for s, r in zip(layer_slots, ranks.view(-1, E).sum(1).tolist())])   # free slots per layer
     order, spill = order.tolist(), ([] if spill is None else spill.tolist())
     if delta is not None:
         left = freed if limit_to_freed else math.inf
         for i in order:
-            give = int(min(delta, cap - current[i], left, room[i // E]))
-            added[i], left, room[i // E] = give, left - give, room[i // E] - give
+            l = i // E
+            give = int(min(delta, cap[l] - current[i], left if left == math.inf else left // price[l], room[l]))
+            added[i], left, room[l] = give, left - give * price[l], room[l] - give
         return torch.tensor(added, dtype=ranks.dtype).view(ranks.shape)
     while freed > 0:
-        open_ = [i for i in order if current[i] + added[i] < cap and room[i // E] > 0]
+        open_ = [i for i in order if current[i] + added[i] < cap[i // E] and room[i // E] > 0]
         if not open_ and spill:
             order, spill = spill, []
             continue
-        if not open_:
-            raise BudgetError(f"cannot place {freed} freed ranks: every candidate expert is at max_rank={max_rank} or "
-                              "in a layer whose rank slots are all in use; raise max_rank or EPnGConfig.layer_capacity, "
-                              "lower prune_ratio or raise grow_ratio.")
-        for i in open_[:freed]:
-            if room[i // E] > 0: added[i], room[i // E], freed = added[i] + 1, room[i // E] - 1, freed - 1
+        if not open_ and freed >= min(price):
+            raise BudgetError(f"cannot place {freed} freed {'ranks' if costs is None else 'parameters'}: every candidate "
+                              f"expert is at max_rank={max_rank} or in a layer whose rank slots are all in use; raise "
+                              "max_rank or EPnGConfig.layer_capacity, lower prune_ratio or raise grow_ratio.")
+        buy = open_[:freed] if costs is None else [i for i in open_ if price[i // E] <= freed]
+        if not buy: break   # with costs: less than one rank of any open expert is left, and stays unspent
+        for i in buy:
+            l = i // E
+            if room[l] > 0 and price[l] <= freed: added[i], room[l], freed = added[i] + 1, room[l] - 1, freed - price[l]
     return torch.tensor(added, dtype=ranks.dtype).view(ranks.shape)
 
 # %% ../nbs/07_selection.ipynb #bff770ca
@@ -96,16 +107,28 @@ class CyclePlan:
     @property
     def grown(self) -> torch.Tensor: return self.added > 0
 
+def spendable(ranks: torch.Tensor, base: torch.Tensor, costs: list[int], budget: int | None = None) -> int:
+    "Parameters a grow set may spend: what `ranks` held beyond `base`, or with `budget` all it leaves over `base`."
+    cost = torch.tensor(costs, dtype=torch.long)[:, None]
+    if budget is None: return int((cost * (ranks - base)).sum())
+    return max(0, budget - int((cost * base).sum()))   # a remainder an earlier cycle left unspent comes back here
+
+# %% ../nbs/07_selection.ipynb #c4447f5c
 @renamed_arguments(alpha="prune_ratio", beta="grow_ratio")
-def plan_cycle(importance: torch.Tensor, ranks: torch.Tensor, prune_ratio: float, grow_ratio: float, max_rank: int | None = None,
-               prune: bool = True, grow: bool = True, delta: int | None = None,
-               layer_slots: list[int] | None = None, per_layer: bool = False) -> CyclePlan:
+def plan_cycle(importance: torch.Tensor, ranks: torch.Tensor, prune_ratio: float, grow_ratio: float,
+               max_rank: int | list[int] | None = None, prune: bool = True, grow: bool = True, delta: int | None = None,
+               layer_slots: list[int] | None = None, per_layer: bool = False, costs: list[int] | None = None,
+               budget: int | None = None) -> CyclePlan:
     """Plan one EPnG cycle from importance p̄ and current ranks (both layers × experts), each layer within its
-    `layer_slots`; `per_layer`: every layer plans alone, from its own thresholds (τ_p, τ_g then the extreme ones)."""
+    `layer_slots` and `max_rank`; `per_layer`: every layer plans alone, from its own thresholds (τ_p, τ_g then the
+    extreme ones). `costs` (parameters one rank costs, per layer) count the budget in parameters when layers differ:
+    growers spend what the pruned held, or with `budget` (parameters) all that the survivors leave of it."""
     if importance.shape != ranks.shape:
         raise EPnGError(f"importance {tuple(importance.shape)} and ranks {tuple(ranks.shape)} must have the same shape")
-    if per_layer and len(ranks) > 1:
-        plans = [plan_cycle(importance[l:l + 1], ranks[l:l + 1], prune_ratio, grow_ratio, max_rank, prune, grow, delta,
+    if costs is not None and len(set(costs)) == 1: costs = None   # one size for all: a rank is the unit
+    if per_layer and len(ranks) > 1:   # within one layer every rank costs the same: each layer plans in ranks
+        caps = per_layer_values(max_rank, len(ranks), None)
+        plans = [plan_cycle(importance[l:l + 1], ranks[l:l + 1], prune_ratio, grow_ratio, caps[l], prune, grow, delta,
                             None if layer_slots is None else layer_slots[l:l + 1]) for l in range(len(ranks))]
         taus = lambda name, pick: pick([getattr(p, name) for p in plans if not math.isnan(getattr(p, name))], default=math.nan)
         return CyclePlan(torch.cat([p.pruned for p in plans]), torch.cat([p.added for p in plans]),
@@ -113,10 +136,11 @@ def plan_cycle(importance: torch.Tensor, ranks: torch.Tensor, prune_ratio: float
     importance, ranks = importance.detach().float().cpu(), ranks.detach().cpu()
     pruned = select_prune(importance, ranks, prune_ratio) if prune else torch.zeros_like(ranks, dtype=torch.bool)
     order = select_grow(importance, grow_ratio, exclude=pruned) if grow else torch.zeros(0, dtype=torch.long)
-    freed = int(ranks[pruned].sum())
     base = torch.where(pruned, 0, ranks)
+    freed = int(ranks[pruned].sum()) if costs is None else spendable(ranks, base, costs, budget)
     rest = growth_candidates(importance, exclude=pruned)  # budget-neutral: past G when max_rank or a layer fills it
-    added = (deal_ranks(freed, order, base, max_rank, delta, limit_to_freed=prune, spill=rest, layer_slots=layer_slots) if grow
+    added = (deal_ranks(freed, order, base, max_rank, delta, limit_to_freed=prune, spill=rest, layer_slots=layer_slots,
+                        costs=costs) if grow
              else torch.zeros_like(ranks))  # prune-only: freed ranks leave the budget
     tau_p = float(importance[pruned].max()) if pruned.any() else math.nan
     tau_g = float(importance.flatten()[order].min()) if len(order) else math.nan

@@ -206,4 +206,7 @@ def _run_checks(args: TrainArgs) -> list[tuple[bool, str]]:
          f"dist_timeout must be a finite number of seconds > 0, got {args.dist_timeout!r}"),
         (not args.fsdp or args.method in ADAPTER_METHODS,
          f"fsdp shards the LoRA methods' factors; {args.method} runs without it (leave --fsdp out)"),
+        (not (args.method == "dmep" and args.gradient_checkpointing),   # the recomputed forward would count again
+         "dmep runs without gradient_checkpointing: its routers count assignments in the forward, and a recomputed "
+         "forward would count them twice (leave --gradient-checkpointing out)"),
     ]

@@ -29,7 +29,8 @@ from .loop import cycle_steps, check_controller_state, OLD_FORMAT_HINT, restore_
 from .io import JSONFileError, load_state, read_json, save_state
 from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning, base_parameter_count
 from .io import atomic_dir, atomic_write_json, remove_stale_temporaries, write_safetensors, is_stale_temporary
-from .checkpoint import adapter_metadata, adapter_tensors, write_adapter, read_adapter, load_adapter_into
+from .checkpoint import (adapter_metadata, adapter_tensors, adapter_rank_costs, write_adapter, read_adapter,
+                             load_adapter_into)
 from .lora import DTensor, whole
 from .compat import RENAMED_KNOBS, renamed_keywords
 
@@ -42,9 +43,9 @@ __all__ = ['MAX_MODEL_JSON_BYTES', 'EMBEDDED_ROWS', 'OPTIMIZER_SETTINGS', 'RUN_P
            'DamagedCheckpointError', 'checkpoint_dir', 'checkpoint_number', 'checkpoint_folders', 'latest_checkpoint',
            'nonfinite', 'nonfinite_state', 'full_optimizer_state', 'is_sharded', 'sharded_tensors', 'without_moments',
            'shared_atomic_dir', 'write_shards', 'save_checkpoint', 'check_resumable', 'saved_settings',
-           'check_trainer_state', 'tiles', 'read_shard_index', 'inspect_shards', 'inspect_checkpoint',
-           'resume_candidates', 'check_optimizer_state', 'check_scheduler_state', 'apply_changes', 'laid_out',
-           'load_shards', 'restore_slots', 'load_checkpoint', 'make_optimizer', 'step_batches', 'to_device',
+           'check_trainer_state', 'tiles', 'read_shard_index', 'inspect_shards', 'budget_not_kept',
+           'inspect_checkpoint', 'resume_candidates', 'check_optimizer_state', 'check_scheduler_state', 'apply_changes',
+           'laid_out', 'load_shards', 'restore_slots', 'load_checkpoint', 'make_optimizer', 'step_batches', 'to_device',
            'default_output_dir', 'claim_new_folder', 'previous_run', 'run_folder', 'RunInterrupted', 'StopSignals',
            'resume_command', 'check_output_dir', 'check_cycles_fit', 'enable_checkpointing', 'preset_line', 'open_run',
            'build_tuner', 'resume_into', 'loss_tokens', 'step_loss', 'diverged', 'stop_here', 'train', 'save_run']
@@ -321,7 +322,7 @@ def check_resumable(saved: dict, args: TrainArgs) -> dict:
     return {k: (saved.get(k), now[k]) for k in OPTIMIZER_SETTINGS if saved.get(k) != now[k]}
 
 # %% ../nbs/13_train.ipynb #808255cc
-BUDGET_METHODS = ("static", "epng", "sieve")    # the methods whose rank sum is the budget after every step
+BUDGET_METHODS = ("static", "epng", "sieve")    # the methods whose ranks keep the budget after every step
 CONTROLLED = ADAPTER_METHODS + ("dmep",)        # the methods with a controller, and its state in every checkpoint
 
 def saved_settings(folder: Path, args: TrainArgs) -> dict:
@@ -412,6 +413,19 @@ def inspect_shards(folder: Path, state: dict) -> dict:
     return {"slots": slots, "shards": index}
 
 # %% ../nbs/13_train.ipynb #cd0c2ab2
+def budget_not_kept(adapter: dict, method: str) -> str | None:
+    """Why a saved `adapter`'s ranks are not what a `method` run keeps (None if they are): their sum is the budget, or on
+    layers of different widths their parameters are, short of it by less than one rank for EPnG (a carried remainder)."""
+    costs = adapter_rank_costs(adapter)
+    if costs is None:
+        total = sum(map(sum, adapter["ranks"]))
+        return None if total == adapter["budget"] else (
+            f"its adapter's ranks add up to {total}, but {method} keeps them at the budget {adapter['budget']}")
+    spent = sum(c * sum(row) for c, row in zip(costs, adapter["ranks"]))
+    slack = max(costs) - 1 if method == "epng" else 0
+    if adapter["budget"] - slack <= spent <= adapter["budget"]: return None
+    return f"its adapter's ranks spend {spent} parameters, but {method} keeps them at the budget {adapter['budget']}"
+
 def inspect_checkpoint(folder, args: TrainArgs) -> dict:
     """Read and validate everything in the checkpoint `folder` that needs no model: `{folder, state, changes, tuner}`
     (and `slots`, `shards` for a sharded one).
@@ -439,8 +453,7 @@ def inspect_checkpoint(folder, args: TrainArgs) -> dict:
     try: adapter, tensors = read_adapter(folder / "adapter") if lora else ({}, load_file(folder / TUNER_STATE))
     except (EPnGError, SafetensorError, OSError, ValueError, KeyError) as e:
         damaged(f"its {'adapter' if lora else TUNER_STATE} cannot be read ({type(e).__name__}: {e})")
-    if args.method in BUDGET_METHODS and (total := sum(map(sum, adapter["ranks"]))) != adapter["budget"]:
-        damaged(f"its adapter's ranks add up to {total}, but {args.method} keeps them at the budget {adapter['budget']}")
+    if args.method in BUDGET_METHODS and (problem := budget_not_kept(adapter, args.method)): damaged(problem)
     if problem := nonfinite(tensors, "the saved tensor"): damaged(problem)
     return {"folder": folder, "state": state, "changes": changes, "tuner": None if lora else tensors}
 
@@ -732,16 +745,19 @@ def check_output_dir(out) -> None:
 def check_cycles_fit(handle, args: TrainArgs) -> None:
     "Dry-run EPnG's first cycle on `handle`'s shapes: refuse settings whose freed ranks cannot be placed."
     if args.method != "epng" or not cycle_steps(args.max_steps, args.warmup_steps, args.cycle_interval): return
-    ranks, cap = handle.ranks, handle.max_rank
-    try: plan_cycle(torch.ones(ranks.shape), ranks, args.prune_ratio, args.grow_ratio, max_rank=cap,
-                    layer_slots=[lora.num_slots for lora in handle.loras], per_layer=args.thresholds == "layer")
+    ranks, caps, costs = handle.ranks, handle.max_ranks, handle.rank_costs   # as handle.plan() plans
+    try: plan_cycle(torch.ones(ranks.shape), ranks, args.prune_ratio, args.grow_ratio, max_rank=caps,
+                    layer_slots=[lora.num_slots for lora in handle.loras], per_layer=args.thresholds == "layer",
+                    costs=costs, budget=handle.budget if costs else None)
     except BudgetError:
-        n = ranks.numel(); kept = n - math.floor(round(args.prune_ratio * n, 9))
+        n, cap = ranks.numel(), max(caps); kept = n - math.floor(round(args.prune_ratio * n, 9))
+        hold = (f"can hold at most {cap} ranks each ({kept * cap} in all), fewer than the budget of {int(ranks.sum())} "
+                f"(rank {args.rank} on every expert)" if costs is None else f"cannot hold the budget of {handle.budget} "
+                f"parameters (rank {args.rank} on every expert) under each MoE layer's max_rank ({'/'.join(map(str, caps))})")
+        most = f" (at most {kept * cap // n} here)" if costs is None else ""
         raise EPnGError(f"these settings cannot survive a prune-and-grow cycle: the first cycle prunes {n - kept} of "
-                        f"{n} experts, and the {kept} left can hold at most {cap} ranks each ({kept * cap} in all), "
-                        f"fewer than the budget of {int(ranks.sum())} (rank {args.rank} on every expert). Lower prune_ratio "
-                        f"or rank (at most {kept * cap // n} here), or raise max_rank if it is below what the "
-                        "projections allow. Nothing was trained.") from None
+                        f"{n} experts, and the {kept} left {hold}. Lower prune_ratio or rank{most}, or raise max_rank "
+                        "if it is below what the projections allow. Nothing was trained.") from None
 
 # %% ../nbs/13_train.ipynb #2dd8c16c
 def enable_checkpointing(model) -> None:

@@ -12,6 +12,7 @@ from .selection import CyclePlan, select_prune, plan_cycle, plot_plan
 from .lora import kaiming_rows
 from .growth import project_off_live_rows
 from .loop import cycle_steps
+from .moe import EPnGError
 
 # %% auto #0
 __all__ = ['SCHEDULE_CASES', 'implemented', 'pick', 'Verdict', 'passed', 'expect_failure', 'solution_topk_routing',
@@ -256,6 +257,9 @@ def check_cycle_state(handle, ranks: torch.Tensor, before: dict, plan: CyclePlan
 # %% ../nbs/19_workshop.ipynb #876fdcbb
 def check_one_cycle(fn, handle, importance: torch.Tensor, alpha: float = 0.2, beta: float = 0.2) -> Verdict:
     "Exercise 6: `fn(handle, importance, alpha, beta)` runs one cycle on `handle`; against `plan_cycle` and the handle's state."
+    if handle.rank_costs is not None:   # plan_cycle would need each layer's rank cost and the budget in parameters
+        raise EPnGError("Exercise 6 is written for MoE layers of one width, whose budget counts ranks; this model's "
+                        "layers differ in width, so its budget counts parameters (notebook 10): run handle.cycle().")
     ranks, before = handle.ranks, factor_snapshot(handle)
     want = plan_cycle(importance, ranks, alpha, beta, max_rank=handle.max_rank)
     try: plan = fn(handle, importance, alpha, beta)

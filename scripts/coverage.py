@@ -3,8 +3,9 @@
 For every model type whose modeling module defines a causal-LM class and an experts module built with transformers'
 `use_experts_implementation` decorator, the script builds a tiny config from the family's own defaults (sizes shrunk
 generically), gives the routers learned-looking weights, and records: the router kind epng reads, whether `attach`
-works (or the reason it refuses), whether epng's importance agrees with an independent computation from the router's
-own outputs, whether the merged model equals the adapted one, whether a prune-and-grow cycle keeps the rank budget,
+works (or the reason it refuses), whether epng's importance agrees with an independent computation from the routing
+of the same forward (the router's outputs; for a router that returns only logits, the choice its block hands the
+experts), whether the merged model equals the adapted one, whether a prune-and-grow cycle keeps the rank budget,
 and whether the peft export reloads to the same logits. It writes the table to docs/coverage.md.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/coverage.py                    # every family
@@ -29,6 +30,7 @@ from epng.gates import GateCollector
 from epng.checkpoint import export_peft
 
 COMMAND = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/coverage.py"
+UP_ONLY_TARGETS = ("up_proj", "down_proj")   # for experts without a gate (Nemotron-H), which refuse gate_proj
 SEQ, BATCH = 16, 4
 
 # --- 1. which families ------------------------------------------------------------------------------------------------
@@ -159,6 +161,8 @@ OVERRIDES: dict[str, dict] = {
     "zaya": dict(num_experts_per_tok=1),
     # the defaults leave layer_types None, which the modeling code indexes per layer
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    # the Mamba layers' 8 groups must divide their heads, shrunk to 4
+    "nemotron_h": dict(n_groups=2),
     # the defaults leave the QSA indexer of 'indexed_attention' layers unset, which the modeling code divides by
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
                            indexer_compress_ratio=2, hc_lowrank=16),
@@ -199,7 +203,7 @@ def learned_looking(model, layers, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in layers:
-            E, H = layer.num_experts, layer.hidden_size
+            E = layer.num_experts
             for m in layer.router.modules():
                 w = getattr(m, "weight", None)   # (E, H), or a row more for a shared or null expert (Inkling, Zaya)
                 if isinstance(w, torch.Tensor) and w.dim() == 2 and E <= w.shape[0] <= E + 1 and m is not layer.experts:
@@ -219,7 +223,7 @@ REFERENCE_SCORES = {"softmax": lambda l: l.softmax(-1), "sigmoid": torch.sigmoid
 def reference_kind(logits, weights, index, routes_by_token: bool) -> str:
     "The score function the chosen experts' weights are proportional to (a direct ratio test); 'hash' for a hash layer."
     if routes_by_token: return "hash"
-    if weights is None: return "softmax (logits only)"
+    if weights is None: return "no choice seen"
     spreads = {}
     for name, f in REFERENCE_SCORES.items():
         with torch.no_grad():
@@ -231,15 +235,13 @@ def reference_kind(logits, weights, index, routes_by_token: bool) -> str:
     best = min(spreads, key=spreads.get, default=None)
     return best if best is not None and spreads[best] < 1e-3 else "none"
 
-def reference_reading(outputs, kind: str, importance: str, num_experts: int) -> torch.Tensor:
-    """Mean per-expert reading of one layer from its router outputs: f/Σf for 'gate', 1/k per choice for 'selection',
-    each choice's share of the token's routing weight for 'weight'."""
-    logits = torch.cat([o[0] for o in outputs]).double()
-    index = torch.cat([o[2] for o in outputs]).long()
-    if importance == "gate" and kind not in ("hash", "none"):
-        s = REFERENCE_SCORES[kind.split()[0]](logits)
+def reference_reading(call, kind: str, importance: str, num_experts: int) -> torch.Tensor:
+    """Mean per-expert reading of one layer from its routing calls' (logits, weights, index): f/Σf for 'gate', 1/k per
+    choice for 'selection', each choice's share of the token's routing weight for 'weight'."""
+    logits, w, index = call[0].double(), call[1].double(), call[2].long()
+    if importance == "gate" and kind in REFERENCE_SCORES:
+        s = REFERENCE_SCORES[kind](logits)
         return (s / s.sum(-1, keepdim=True)).mean(0)[:num_experts]   # scores past E: a shared or null expert's
-    w = torch.cat([o[1] for o in outputs]).double()
     if importance == "weight": share = w / w.sum(-1, keepdim=True)
     else: share = (w != 0).double() / index.shape[1]                  # a pick with weight 0 is a masked null expert
     return torch.zeros(len(logits), logits.shape[1], dtype=torch.double).scatter_add_(1, index, share).mean(0)[:num_experts]
@@ -255,17 +257,59 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     if ra.norm() == 0 or rb.norm() == 0: return 1.0 if torch.equal(ra, rb) else 0.0
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
+def _router_output(output):
+    "(logits, weights, index) from a router's output, read here without epng; weights and index None for logits only."
+    if isinstance(output, (tuple, list)) and len(output) >= 3 and torch.is_tensor(output[2]) \
+            and not output[2].is_floating_point():
+        return output[0], output[1], output[2]
+    return (output[0] if isinstance(output, (tuple, list)) else output), None, None
+
+def _choice_handed_to(experts):
+    "A function of an experts call's (args, kwargs) giving the (weights, index) the block hands them."
+    names = [n for n, p in inspect.signature(experts.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]   # (hidden_states, top_k_index, top_k_weights)
+    def read(args, kwargs):
+        index, weights = [args[i] if len(args) > i else kwargs.get(names[i]) if len(names) > i else None for i in (1, 2)]
+        return weights, index
+    return read
+
+NEVER_CALLED = "router never called"   # the reference of a layer whose experts ran without a call of its router
+
 def record_router_outputs(layers):
-    "Hooks that keep every training-mode router output (logits, weights, index) per layer; returns (store, hooks)."
-    store = {layer.index: [] for layer in layers}
-    def hook_for(layer):
+    """Hooks that keep every training-mode routing call's (logits, weights, index) per layer; returns (store, hooks).
+    A router that returns only logits leaves the choice to its block: weights and index are then the ones the block
+    hands its experts. An experts call with no router call before it is kept as NEVER_CALLED. The hooks run before
+    any other hook on the router and experts, so they see a call that epng then refuses."""
+    store, pending = {layer.index: [] for layer in layers}, {}
+    counts = lambda m: m.training and torch._C._current_graph_task_id() == -1   # not a checkpointing re-run
+    def router_hook(layer):
         def hook(module, args, output):
-            if not module.training: return
-            logits, weights, index = epng.gates.router_outputs(output)
-            weights = None if weights is None else weights.detach().double()
-            store[layer.index].append((logits.detach().double(), weights, None if index is None else index.detach()))
+            if counts(module): pending[layer.index] = [t if t is None else t.detach() for t in _router_output(output)]
         return hook
-    return store, [layer.router.register_forward_hook(hook_for(layer)) for layer in layers]
+    def experts_hook(layer):
+        read = _choice_handed_to(layer.experts)
+        def hook(module, args, kwargs):
+            if not counts(module): return
+            call = pending.pop(layer.index, None)
+            if call is None: store[layer.index].append(NEVER_CALLED); return
+            logits, weights, index = call
+            if index is None:   # logits only: the block chose, and tells the experts
+                weights, index = read(args, kwargs)
+                if not (torch.is_tensor(weights) and torch.is_tensor(index) and index.dim() == 2):
+                    weights = index = None
+                elif weights.shape != index.shape: weights = weights.gather(-1, index.long())   # a dense (T, E) table
+            store[layer.index].append((logits.double(), None if weights is None else weights.detach().double(),
+                                       None if index is None else index.detach()))
+        return hook
+    return store, [*(l.router.register_forward_hook(router_hook(l), prepend=True) for l in layers),
+                   *(l.experts.register_forward_pre_hook(experts_hook(l), with_kwargs=True, prepend=True) for l in layers)]
+
+def never_called(calls) -> bool: return NEVER_CALLED in calls
+
+def departure(logits, index) -> float:
+    "Share of tokens whose chosen experts are not the top-k of the logits (every score function keeps their order)."
+    top = logits.topk(index.shape[1], dim=-1).indices.sort(-1).values
+    return float((top != index.long().sort(-1).values).any(-1).double().mean())
 
 # --- 4. one family, end to end --------------------------------------------------------------------------------------
 
@@ -309,8 +353,12 @@ def _logits(model, batch) -> torch.Tensor:
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
+class RoutesWithoutRouter(Exception):
+    "epng refused a training forward in which some block's experts ran without a call of its router."
+    def __init__(self, error: Exception): super().__init__(str(error)); self.error = error
+
 def check_readings(row: Row, model, handle) -> None:
-    "One training forward: epng's three readings against the router outputs of that same forward."
+    "One training forward: epng's three readings against the routing calls of that same forward."
     layers = handle.layers
     selection = epng.ExpertImportance(len(layers), layers[0].num_experts)
     weight = epng.ExpertImportance(len(layers), layers[0].num_experts)
@@ -323,8 +371,9 @@ def check_readings(row: Row, model, handle) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try: model(**_batch(), labels=_batch()["input_ids"], use_cache=False)
-            except epng.EPnGError as e:   # 'gate' refuses a router with no known score function: read the rest again
-                gate_error = e
+            except epng.EPnGError as e:
+                if any(map(never_called, store.values())): raise RoutesWithoutRouter(e) from e
+                gate_error = e   # 'gate' refuses a router with no known score function: read the rest again
                 handle.collector.enabled = False
                 for v in store.values(): v.clear()
                 for imp in (selection, weight): imp.sums.zero_(); imp.counts.zero_()
@@ -334,35 +383,37 @@ def check_readings(row: Row, model, handle) -> None:
         for h in hooks: h.remove()
         collector.remove(); by_weight.remove()
     kinds = [collector.kinds.get(l.index, "not called") for l in layers]
-    refs = [reference_kind(*_cat(store[l.index]), l.routes_by_token) if store[l.index] else "not called"
-            for l in layers]
+    calls = {l.index: _cat(store[l.index]) for l in layers}   # None: no call, or the experts ran without the router
+    refs = [NEVER_CALLED if never_called(store[l.index]) else "not called" if calls[l.index] is None
+            else reference_kind(*calls[l.index], l.routes_by_token) for l in layers]
     row.router, row.reference_router = _collapse(kinds), _collapse(refs)
-    departures = [epng.gates.selection_departure(*_cat(store[l.index])[0::2]) for l in layers if store[l.index]
-                  and not l.routes_by_token and _cat(store[l.index])[2] is not None]
+    chosen = [l for l in layers if calls[l.index] is not None and all(t is not None for t in calls[l.index])]
+    departures = [departure(*calls[l.index][0::2]) for l in chosen if not l.routes_by_token]
     row.departure = f"{max(departures):.0%}" if departures else "n/a"
     readings = {"selection": selection.mean(), "weight": weight.mean()}
     if gate_error is None: readings["gate"] = handle.importance.mean()
     else: row.gate = f"refused: {first_sentence(gate_error)}"
     faithful = True
     for importance, table in readings.items():
-        rhos = []
-        for l, kind in zip(layers, refs):
-            if not store[l.index] or (importance != "gate" and store[l.index][0][2] is None): continue
-            if importance == "weight" and store[l.index][0][1] is None: continue   # logits only: no weights to read
-            rhos.append(spearman(table[l.index], reference_reading(store[l.index], kind, importance, l.num_experts)))
-        ok = bool(rhos) and min(rhos) >= 0.99 and (importance != "gate" or kinds == refs)
+        rhos = [spearman(table[l.index], reference_reading(calls[l.index], kind, importance, l.num_experts))
+                for l, kind in zip(layers, refs) if l in chosen]
+        # every layer checked: one whose choice the reference did not see is no layer epng reads faithfully
+        ok = len(rhos) == len(layers) and min(rhos) >= 0.99 and (importance != "gate" or kinds == refs)
         faithful &= ok
         text = (f"yes (min ρ {min(rhos):.3f})" if ok else
                 f"**NOT faithful** (min ρ {min(rhos):.3f}; epng reads {row.router}, "
                 f"the router is {row.reference_router})"
-                if rhos else "not checked (router returns no choice)")
+                if rhos else f"**not checked** (no choice seen: {row.reference_router})")
         setattr(row, importance, text)
     row.faithful = faithful
 
-def _cat(outputs):
-    logits = torch.cat([o[0] for o in outputs])
-    weights = None if outputs[0][1] is None else torch.cat([o[1] for o in outputs])
-    index = None if outputs[0][2] is None else torch.cat([o[2] for o in outputs])
+def _cat(calls):
+    "One layer's calls as (logits, weights, index) tensors; None when there is no routing call with logits."
+    calls = [c for c in calls if c != NEVER_CALLED]
+    if not calls: return None
+    logits = torch.cat([c[0] for c in calls])
+    weights = None if any(c[1] is None for c in calls) else torch.cat([c[1] for c in calls])
+    index = None if any(c[2] is None for c in calls) else torch.cat([c[2] for c in calls])
     return logits, weights, index
 
 def check_merge_cycle_peft(row: Row, base, handle) -> None:
@@ -407,7 +458,12 @@ def check_family(family: str) -> Row:
         layers = epng.find_moe_layers(model)
         learned_looking(model, layers)
         base = copy.deepcopy(model)
-        handle = epng.attach(model)
+        config = epng.EPnGConfig()
+        if any(l.gate_up_layout == "up only" for l in layers):   # the default targets name a gate it does not have
+            config = epng.EPnGConfig(targets=UP_ONLY_TARGETS)
+            row.notes.append(f"experts without a gate: the default targets {epng.EPnGConfig().targets} are refused "
+                             f"(a clear error at attach); checked with targets={UP_ONLY_TARGETS}")
+        handle = epng.attach(model, config)
     except epng.EPnGError as e:
         row.attach, row.refusal_kind = f"refused: {first_sentence(e)}", type(e).__name__
         note = router_note(model, str(e))
@@ -418,12 +474,17 @@ def check_family(family: str) -> Row:
     n = len(handle.layers)
     row.attach = f"ok ({n} MoE layer{'s' * (n > 1)} × {handle.layers[0].num_experts} experts)"
     try: check_readings(row, model, handle)
+    except RoutesWithoutRouter as e:   # attach succeeds, the first training forward is refused: nothing can be read
+        row.attach, row.refusal_kind = f"refused: {first_sentence(e.error)}", type(e.error).__name__
+        row.notes.append("attach succeeds; epng refuses the first training forward (the reference saw the experts "
+                         "run without a call of the router)")
+        return row
     except Exception as e:
         row.notes.append(f"readings crashed: {type(e).__name__}: {first_sentence(e)}")
     try:
         if row.gate.startswith("refused"):   # what a user of this router does: attach with importance='selection'
             row.notes.append("cycle, merge and peft export run under importance='selection' ('gate' is refused)")
-            handle = epng.attach(copy.deepcopy(base), epng.EPnGConfig(importance="selection"))
+            handle = epng.attach(copy.deepcopy(base), epng.EPnGConfig(importance="selection", targets=config.targets))
             handle.model.train()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -501,8 +562,9 @@ def markdown(rows: list[Row], skipped: dict[str, str], command: str, seconds: fl
         "Columns: *router kind* is the score function epng infers per MoE layer (*reference*: the one the routing "
         "weights are found proportional to by a direct ratio test, written independently of epng; *hash*: a layer "
         "that chooses by token id). *Importance faithful*: Spearman ρ of epng's p̄ against the same quantity "
-        "computed from the router's own outputs of one training forward (ρ ≥ 0.99 in every layer, and for 'gate' "
-        "the same router kind). *Selection departs*: the largest share, over layers, of tokens whose chosen "
+        "computed from the routing of one training forward, read without epng: the router's logits, and the "
+        "weights and experts it chooses, or, for a router that returns only logits, the ones its block hands the "
+        "experts (ρ ≥ 0.99 in every layer, and for 'gate' the same router kind). *Selection departs*: the largest share, over layers, of tokens whose chosen "
         "experts are not the top-k of the router's scores (a correction bias or group limit at work; hash layers "
         "left out). *Merged "
         "equality*: max |Δlogits| / max |logits| of `handle.merged_model()` against the adapted model after one "

@@ -18,7 +18,8 @@ python -m venv --system-site-packages "$work/venv"
 import transformers, epng
 assert transformers.__version__ == '$lowest', transformers.__version__
 print('epng', epng.__version__, 'on transformers', transformers.__version__)"
-"$work/venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_behaviour.py tests/test_baselines.py tests/test_repro.py
+"$work/venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_behaviour.py tests/test_baselines.py tests/test_repro.py tests/test_routers.py \
+    tests/test_coverage.py
 "$work/venv/bin/python" -m epng.cli train --max-steps 31 --output-dir "$work/run" >"$work/train.log" 2>&1 \
     || { cat "$work/train.log" >&2; exit 1; }
 "$work/venv/bin/python" - "$work/run/metrics.json" <<'EOF'

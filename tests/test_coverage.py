@@ -1,40 +1,58 @@
 "The coverage table (scripts/coverage.py): one family per router kind and layout here, every family with EPNG_SLOW=1."
-import importlib.util, os, sys
+import functools, importlib.util, os, sys, types
 from pathlib import Path
 import pytest
+import torch
+from transformers import CONFIG_MAPPING, __version__ as TRANSFORMERS
 from epng.gates import GateCollector
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "coverage.py"
+_spec = importlib.util.spec_from_file_location("epng_coverage", SCRIPT)
+COVERAGE = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)   # its dataclass looks its module up
+_spec.loader.exec_module(COVERAGE)
 
 
 @pytest.fixture(scope="module")
-def coverage():
-    spec = importlib.util.spec_from_file_location("epng_coverage", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # its dataclass looks its module up while the class is made
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+def coverage(): return COVERAGE
 
 
 # one family per router kind and layout: the score function of each MoE layer, read from transformers' modeling code
 ATTACHED = {"olmoe": "softmax", "deepseek_v3": "sigmoid", "deepseek_v4": "hash, sqrtsoftplus",
             "gemma4_text": "probabilities",
-            "inkling_text": "sigmoid", "zaya": "softmax"}   # routers that score a shared / null expert besides the E
-BIASED = {"deepseek_v3", "deepseek_v4", "inkling_text", "zaya"}    # a correction bias (and for V3 expert groups) steers the choice
-REFUSED = {"gpt_oss": ("interleaved", "transposed", "expert biases")}   # the layout, named
+            "inkling_text": "sigmoid", "zaya": "softmax",   # routers that score a shared / null expert besides the E
+            # expert layouts: interleaved + transposed + biases, transposed, no gate
+            "gpt_oss": "softmax", "aria_text": "softmax", "nemotron_h": "sigmoid"}
+BIASED = {"deepseek_v3", "deepseek_v4", "inkling_text", "zaya", "nemotron_h"}   # a correction bias (and for V3 expert
+                                                                                # groups) steers the choice
+
+
+def lacking(family: str) -> str | None:
+    "Why this transformers has no `family` for the table to check, or None when it has it."
+    if family not in CONFIG_MAPPING: return f"transformers {TRANSFORMERS} has no {family} models"
+    module = COVERAGE.modeling_module(family)
+    if module is None or not COVERAGE.fused_experts_classes(module):   # e.g. Aria's experts in 5.7
+        return f"transformers {TRANSFORMERS} has no fused experts (use_experts_implementation) in {family}"
+    return None
+
+PRESENT = [f for f in ATTACHED if lacking(f) is None]   # an older transformers lacks some families
+
+
+def known(families):
+    "`families` as test parameters, each skipped (with the reason) where this transformers lacks it."
+    return [pytest.param(f, marks=pytest.mark.skipif(lacking(f) is not None, reason=lacking(f) or ""))
+            for f in families]
 
 
 @pytest.fixture(scope="module")
 def subset(coverage, tmp_path_factory):
     out = tmp_path_factory.mktemp("coverage") / "coverage.md"
-    rows = coverage.main(["--families", *ATTACHED, *REFUSED, "--out", str(out)])
+    rows = coverage.main(["--families", *PRESENT, "--out", str(out)])
     return {r.family: r for r in rows}, out.read_text(encoding="utf-8")
 
 
 def test_the_families_are_found_generically(coverage):
     families, skipped = coverage.moe_families()
-    assert set(ATTACHED) | set(REFUSED) <= set(families)
+    assert set(PRESENT) <= set(families)
     assert "gemma4" not in families and "gemma4_text" in families        # a multimodal config: its text part
     assert not set(families) & {"gemma4_vision", "qwen3_vl_moe_vision"}  # parts without experts or a causal LM
     assert "qwen3_vl_moe" in skipped                                     # fused experts, no causal-LM class
@@ -48,7 +66,7 @@ def test_tiny_configs_are_tiny(coverage):
     assert config.head_dim == config.qk_rope_head_dim == 8          # a derived field stays derived
 
 
-@pytest.mark.parametrize("family", list(ATTACHED))
+@pytest.mark.parametrize("family", known(ATTACHED))
 def test_attached_families_are_faithful_and_export(subset, family):
     row = subset[0][family]
     assert row.attach.startswith("ok"), row.attach
@@ -61,20 +79,21 @@ def test_attached_families_are_faithful_and_export(subset, family):
     assert row.peft.startswith("ok"), row.peft
 
 
-@pytest.mark.parametrize("family", list(REFUSED))
-def test_a_refusal_names_the_layout(subset, family):
-    row = subset[0][family]
-    assert row.attach.startswith("refused") and row.refusal_kind == "UnsupportedExpertsError", row.attach
-    assert "no MoE layer" not in row.attach and all(word in row.attach for word in REFUSED[family]), row.attach
+def test_experts_without_a_gate_are_checked_on_up_and_down(subset):
+    "Nemotron-H refuses the default targets (gate_proj, up_proj): the row says so and checks up_proj, down_proj."
+    row = subset[0]["nemotron_h"]
+    assert any("default targets ('gate_proj', 'up_proj') are refused" in n and "('up_proj', 'down_proj')" in n
+               for n in row.notes), row.notes
 
 
 def test_the_table_says_what_was_run(subset):
     _, text = subset
     import torch, transformers
     assert f"transformers {transformers.__version__}, torch {torch.__version__}" in text
-    assert "--families " + " ".join([*ATTACHED, *REFUSED]) in text
-    assert "6 of 7 families attach; refused: 1;" in text and "Importance NOT faithful to the router: none." in text
-    assert all(text.count(f"| {family} |") == 1 for family in [*ATTACHED, *REFUSED])
+    assert "--families " + " ".join(PRESENT) in text
+    n = len(PRESENT)
+    assert f"{n} of {n} families attach; refused: 0;" in text and "Importance NOT faithful to the router: none." in text
+    assert all(text.count(f"| {family} |") == 1 for family in PRESENT)
 
 
 def test_a_reading_that_disagrees_is_listed(coverage, monkeypatch):
@@ -84,6 +103,43 @@ def test_a_reading_that_disagrees_is_listed(coverage, monkeypatch):
     assert row.attach.startswith("ok") and row.faithful is False
     assert row.router == "softmax" and row.reference_router == "sigmoid" and "NOT faithful" in row.gate
     assert "Importance NOT faithful to the router: deepseek_v3." in coverage.summary([row])
+
+
+def rerouted(coverage, monkeypatch, call_router: bool):
+    """Make coverage's tiny models route as many blocks of transformers 5.7 do: the block calls a router that returns
+    only logits (DeepSeek-V3's), or never calls it (DeepSeek-V2's), chooses the top-2 of the softmax itself and hands
+    the experts `(hidden, index, weights)`. Bound methods, so that the model's deep copies route the same way."""
+    learned_looking = coverage.learned_looking
+    def logits_only(router, x): return type(router).forward(router, x)[0]
+    def block_forward(block, h, router=None):
+        flat = h.reshape(-1, h.shape[-1])
+        logits = router(flat) if call_router else torch.nn.functional.linear(flat, router.weight)
+        weights, index = logits.softmax(-1).topk(2, dim=-1)
+        return block.experts(flat, index, weights).reshape(h.shape)
+    def routed_by_the_block(model, layers, seed=0):
+        learned_looking(model, layers, seed)
+        for layer in layers:
+            layer.router.forward = types.MethodType(logits_only, layer.router)
+            layer.block.forward = types.MethodType(functools.partial(block_forward, router=layer.router), layer.block)
+    monkeypatch.setattr(coverage, "learned_looking", routed_by_the_block)
+
+
+def test_a_router_that_returns_only_logits_is_checked_on_the_choice_its_block_makes(coverage, monkeypatch):
+    rerouted(coverage, monkeypatch, call_router=True)
+    row = coverage.check_family("olmoe")
+    assert row.attach.startswith("ok") and row.router == row.reference_router == "softmax", (row.attach, row.router)
+    assert row.faithful and all(getattr(row, i).startswith("yes") for i in ("gate", "selection", "weight"))
+    assert row.merged.startswith("ok") and row.cycle.startswith("ok"), (row.merged, row.cycle)
+
+
+def test_a_block_that_never_calls_its_router_is_refused(coverage, monkeypatch):
+    "A block that multiplies by its router's weight itself (DeepSeek-V2's in transformers 5.7) is listed as refused."
+    rerouted(coverage, monkeypatch, call_router=False)
+    row = coverage.check_family("olmoe")
+    assert row.attach.startswith("refused: the experts of MoE layer 0") and "was never called" in row.attach, row.attach
+    assert row.refusal_kind == "EPnGError" and any("attach succeeds" in n for n in row.notes), row.notes
+    assert row.router == row.gate == row.merged == ""                 # nothing after the refusal is claimed
+    assert "refused: 1;" in coverage.summary([row])[0]
 
 
 @pytest.mark.slow

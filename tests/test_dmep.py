@@ -310,3 +310,264 @@ def test_epng_train_runs_dmep_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules["epng.train"], "init_processes", lambda timeout: (0, 2, torch.device("cpu")))
     with pytest.raises(EPnGError, match="dmep runs in one process"):
         train(TrainArgs(**settings, output_dir=str(tmp_path / "two")), progress=False)
+
+
+# ---- DMEP in the transformers Trainer (DMEPCallback) ----
+
+def _trainer_args(out, **kw):
+    from transformers import TrainingArguments
+    settings = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=3e-3, optim="adamw_torch",
+                    save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_steps=1)
+    return TrainingArguments(str(out), **{**settings, **kw})
+
+
+def _task(tok, n=32):
+    return SFTDataset([(r["query"], r["response"]) for r in nano_task(n, seed=0)], tok, max_length=256)
+
+
+def _twins(seed=0):
+    "Two identical nano dense models with identical random DMEP adapters: one for the Trainer, one to compute by hand."
+    out = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        model, tok = load_nano_dense()
+        handle = attach_dmep(model)
+        torch.manual_seed(seed + 1)
+        _randomise(handle)
+        out.append((model, handle))
+    return out, tok
+
+
+def test_trainer_loss_has_the_balancing_term_until_the_removal(tmp_path):
+    from transformers import Trainer
+    from epng.data import collate
+    from epng.dmep import DMEPCallback
+    ((model, handle), (twin, twin_handle)), tok = _twins()
+    callback = DMEPCallback(handle, warmup_steps=2)
+    trainer = Trainer(model=model, args=_trainer_args(tmp_path, gradient_accumulation_steps=2), callbacks=[callback])
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control)
+    batch = collate([_task(tok)[i] for i in range(6)], 1)
+    n = trainer._get_num_items_in_batch([batch], "cpu")
+    model.train(); twin.train()
+    with torch.no_grad():
+        # normalised by num_items_in_batch: the Trainer does not divide by the 2 accumulation steps, the hook does
+        got = trainer.compute_loss(model, dict(batch), num_items_in_batch=n)
+        want = twin(**batch, num_items_in_batch=n).loss + DMEP_AUX_COEF * twin_handle.balance_loss() / 2
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        got = trainer.compute_loss(model, dict(batch))                       # a mean: the Trainer divides it
+        want = twin(**batch).loss + DMEP_AUX_COEF * twin_handle.balance_loss()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        assert got > twin(**batch).loss
+        model(input_ids=batch["input_ids"])                                  # no labels: no loss, nothing left over
+        assert all(m.aux is None for m in handle.modules.values())
+        counts = handle.counts()
+        model.eval(); twin.eval()                                            # evaluation: no term, nothing counted
+        torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), twin(**batch).loss, rtol=1e-6, atol=0)
+        assert torch.equal(handle.counts(), counts) and all(m.aux is None for m in handle.modules.values())
+        assert callback.controller.step_end(2) is not None and not handle.balance_on
+        model.train()                                                        # after the removal: the plain loss
+        plain = trainer.compute_loss(model, dict(batch))
+        model.eval()
+        assert torch.equal(plain, model(**batch).loss)
+    hooks = len(model._forward_hooks)
+    callback.remove()                                                        # the hooks come off
+    assert len(model._forward_hooks) == hooks - 1
+    assert not any(m._load_state_dict_pre_hooks for m in handle.modules.values())
+
+
+def test_trainer_step_gradient_is_epng_trains(tmp_path):
+    "One step of 2 accumulated micro-batches: the Trainer's gradient is epng train's (`step_loss`), balancing term included."
+    from transformers import Trainer
+    from epng.dmep import DMEPCallback
+    from epng.train import TrainArgs, step_loss
+    ((model, handle), (twin, twin_handle)), tok = _twins()
+    micro = list(make_batches(_task(tok, 16), 4, seed=0, num_steps=2))
+    controller = DMEPController(twin_handle, 3)
+    run = dict(args=TrainArgs(method="dmep", grad_accum=2), world=1, device=torch.device("cpu"),
+               aux_loss=lambda: controller.aux_loss_weight * twin_handle.balance_loss())
+    twin.train()
+    step_loss(twin, iter(micro), run)
+    callback = DMEPCallback(handle, warmup_steps=3)
+    trainer = Trainer(model=model, args=_trainer_args(tmp_path, gradient_accumulation_steps=2), callbacks=[callback])
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control)
+    trainer.current_gradient_accumulation_steps = 2
+    n = trainer._get_num_items_in_batch(micro, "cpu")
+    for batch in micro: trainer.training_step(model, dict(batch), n)
+    for p, q in zip(handle.parameters(), twin_handle.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6 * float(q.grad.abs().max()))
+    assert torch.equal(handle.counts(), twin_handle.counts())
+
+
+def test_trainer_and_epng_train_remove_the_same_experts(tmp_path):
+    """The same seed, settings and batch order (2 accumulated micro-batches a step) in the Trainer and in `epng train`:
+    the same experts go. The adapters then agree to ~1e-4, not bit for bit: the two sum the token losses in another
+    order (epng train: each micro-batch's mean × its token share; the Trainer: the micro-batch's sum ÷ the step's
+    tokens), and AdamW's division by √v enlarges last-bit differences in coordinates with tiny gradients."""
+    import random
+    from transformers import Trainer
+    from epng.dmep import DMEPCallback
+    from epng.train import TrainArgs, embedded_rows, load_model_and_tokenizer, model_source, step_batches, train
+    settings = dict(method="dmep", max_steps=6, warmup_steps=3, limit=32, batch_size=4, grad_accum=2)
+    full = train(TrainArgs(**settings, output_dir=str(tmp_path / "epng")), progress=False)
+    args = full["args"]
+    torch.manual_seed(args.seed); random.seed(args.seed)                 # what train() does before attach_dmep
+    model, tok = load_model_and_tokenizer(model_source(args), args.bf16, torch.device("cpu"))
+    dataset = SFTDataset(embedded_rows(limit=args.limit, seed=args.seed), tok, max_length=args.max_length)
+    handle = attach_dmep(model, rank=args.rank, lora_alpha=args.lora_alpha)
+    batches = [b for b, _ in zip(step_batches(dataset, args, 0, 1, 0), range(args.max_steps * args.grad_accum))]
+    class InOrder(torch.utils.data.IterableDataset):                     # epng train's micro-batches, in its order
+        def __iter__(self): return iter(batches)
+    callback = DMEPCallback(handle, args.warmup_steps)
+    targs = _trainer_args(tmp_path / "hf", max_steps=args.max_steps, per_device_train_batch_size=1, learning_rate=args.lr,
+                          gradient_accumulation_steps=args.grad_accum, weight_decay=args.weight_decay,
+                          max_grad_norm=args.max_grad_norm, lr_scheduler_type="linear", seed=args.seed)
+    trainer = Trainer(model=model, args=targs, train_dataset=InOrder(), data_collator=lambda rows: rows[0],
+                      callbacks=[callback])
+    trainer.train()
+    assert callback.controller.history[0]["step"] == 3 and full["controller"].history[0]["step"] == 3
+    assert torch.equal(handle.kept(), full["tuner"].kept()) and not handle.kept().all()
+    for p, q in zip(handle.parameters(), full["tuner"].parameters()): torch.testing.assert_close(p, q, rtol=0, atol=1e-3)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    for step, (ours, theirs) in enumerate(zip(logged, full["losses"]), start=1):
+        if step <= 3: assert 0 < ours - theirs < 0.05              # the Trainer's loss holds c · L_bal in the warm-up
+        else: assert abs(ours - theirs) <= 1e-4 * theirs          # after it, the plain loss of (nearly) the same adapter
+
+
+def test_trainer_removal_slices_the_optimizer(tmp_path):
+    from transformers import Trainer, TrainerCallback
+    from epng.data import collate
+    from epng.dmep import DMEPCallback
+    torch.manual_seed(0)
+    model, tok = load_nano_dense()
+    handle = attach_dmep(model)
+    task = _task(tok)
+    seen = {}
+    class Moments(TrainerCallback):
+        "Each module's AdamW state at the end of step 3, before or after DMEPCallback runs."
+        def __init__(self, when): self.when = when
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step != 3: return
+            inner = optimizer.optimizer
+            seen[self.when] = {n: {k: {s: v.clone() for s, v in inner.state[getattr(m, f"epng_{k}")].items()}
+                                   for k in ("A", "B", "router")} for n, m in handle.modules.items()}
+            seen[self.when + " ids"] = {n: m.epng_expert_ids.clone() for n, m in handle.modules.items()}
+            seen[self.when + " values"] = {n: m.epng_A.detach().clone() for n, m in handle.modules.items()}
+    callback = DMEPCallback(handle, warmup_steps=3)
+    trainer = Trainer(model=model, args=_trainer_args(tmp_path, max_steps=5), train_dataset=task,
+                      data_collator=lambda rows: collate(rows, task.pad_id),
+                      callbacks=[Moments("before"), callback, Moments("after")])
+    trainer.train()
+    assert type(handle.optimizer).__name__ == "AcceleratedOptimizer"
+    inner = handle.optimizer.optimizer
+    assert {id(p) for g in inner.param_groups for p in g["params"]} == {id(p) for p in handle.parameters()}
+    assert sum(len(g["params"]) for g in inner.param_groups) == len(list(handle.parameters())) == len(inner.state)
+    removed = 0
+    for n, m in handle.modules.items():
+        keep = seen["after ids"][n]
+        assert torch.equal(keep, m.epng_expert_ids) and seen["before ids"][n].tolist() == list(range(8))
+        removed += 8 - len(keep)
+        for k in ("A", "B", "router"):
+            for s in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(seen["after"][n][k][s], seen["before"][n][k][s][keep]), (n, k, s)
+            assert torch.equal(seen["after"][n][k]["step"], seen["before"][n][k]["step"])
+        assert not torch.equal(m.epng_A.detach(), seen["after values"][n])   # the optimizer trains the new tensors
+    assert removed > 0
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    torch.testing.assert_close(lrs, [3e-3 * (1 - s / 5) for s in range(5)])   # the schedule goes on after the removal
+    assert all(g["lr"] == 0 for g in inner.param_groups)
+    kept = next(h for h in trainer.state.log_history if "dmep_experts_kept" in h)
+    assert kept == {"step": 3, "dmep_experts_kept": int(handle.kept().sum()),
+                    "dmep_trainable_before": callback.controller.history[0]["trainable_before"],
+                    "dmep_trainable_after": handle.num_trainable()}
+
+
+def _resumable_run(out, resume=None, warmup_steps=3, **kw):
+    from transformers import Trainer
+    from epng.data import collate
+    from epng.dmep import DMEPCallback
+    torch.manual_seed(0)
+    model, tok = load_nano_dense()
+    handle = attach_dmep(model)
+    task = _task(tok)
+    callback = DMEPCallback(handle, warmup_steps=warmup_steps)
+    trainer = Trainer(model=model, args=_trainer_args(out, save_strategy="steps", save_steps=2, **kw), train_dataset=task,
+                      data_collator=lambda rows: collate(rows, task.pad_id), callbacks=[callback])
+    return handle, callback, trainer
+
+
+def test_trainer_resumes_exactly_before_and_after_the_removal(tmp_path):
+    handle, callback, trainer = _resumable_run(tmp_path / "full")
+    trainer.train()
+    assert (tmp_path / "full" / "checkpoint-4" / "dmep_state" / "state.json").is_file()
+    for stop in (2, 4):                                                      # the removal is at the end of step 3
+        h2, cb2, tr2 = _resumable_run(tmp_path / f"from{stop}")
+        assert cb2.restore(tmp_path / "full" / f"checkpoint-{stop}") == str(tmp_path / "full" / f"checkpoint-{stop}")
+        assert h2.kept().all() == (stop == 2)
+        tr2.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{stop}"))
+        assert torch.equal(h2.kept(), handle.kept()) and cb2.controller.history == callback.controller.history
+        for p, q in zip(h2.parameters(), handle.parameters()): torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        assert torch.equal(h2.counts(), handle.counts())
+    h3, cb3, _ = _resumable_run(tmp_path / "newest")
+    assert cb3.restore(tmp_path / "full") == str(tmp_path / "full" / "checkpoint-6")   # an output folder: its newest
+    for stop, message in ((4, "callback.restore"), (2, "DMEPCallback.restore was not called")):
+        _, _, forgot = _resumable_run(tmp_path / f"forgot{stop}")           # a fresh adapter without restore: refused
+        with pytest.raises(EPnGError, match=message):
+            forgot.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{stop}"))
+
+
+def test_trainer_restore_refuses_before_changing_the_adapter(tmp_path):
+    from epng.io import load_state, save_state
+    handle, _, trainer = _resumable_run(tmp_path / "full", max_steps=4)
+    trainer.train()
+    h2, cb2, _ = _resumable_run(tmp_path / "other", warmup_steps=2)
+    with pytest.raises(EPnGError, match="same settings"): cb2.restore(tmp_path / "full" / "checkpoint-4")
+    assert h2.kept().all()
+    folder = tmp_path / "full" / "checkpoint-4" / "dmep_state"
+    state = load_state(folder, "state")
+    state["controller"]["counts"][0][int((~handle.kept()[0]).nonzero()[0])] = 5.0   # a removed expert with counts
+    save_state(state, folder, "state")
+    h3, cb3, _ = _resumable_run(tmp_path / "damaged")
+    with pytest.raises(EPnGError, match="removed experts"): cb3.restore(tmp_path / "full" / "checkpoint-4")
+    assert h3.kept().all() and not cb3.controller.removed
+    shutil.rmtree(folder)
+    with pytest.raises(EPnGError, match="no dmep_state"): cb3.restore(tmp_path / "full" / "checkpoint-4")
+    with pytest.warns(UserWarning, match="skipping checkpoint-4"): assert cb3.restore(tmp_path / "full").endswith("checkpoint-2")
+
+
+def test_trainer_callback_refuses_what_it_cannot_run(tmp_path):
+    from types import SimpleNamespace
+    from transformers import Trainer
+    from epng.dmep import DMEPCallback
+    torch.manual_seed(0)
+    model, _ = load_nano_dense()
+    callback = DMEPCallback(attach_dmep(model), warmup_steps=2)
+    with pytest.raises(EPnGError, match="label smoothing"):
+        Trainer(model=model, args=_trainer_args(tmp_path, label_smoothing_factor=0.1), callbacks=[callback])
+    with pytest.raises(EPnGError, match="gradient checkpointing"):
+        Trainer(model=model, args=_trainer_args(tmp_path, gradient_checkpointing=True), callbacks=[callback])
+    with pytest.raises(EPnGError, match="one process"):
+        callback.on_init_end(SimpleNamespace(world_size=2, deepspeed=None, fsdp=""), None, None)
+    with pytest.raises(EPnGError, match="warmup_steps"): DMEPCallback(callback.handle, warmup_steps=0)
+
+
+def test_trainer_callback_refuses_trls_fused_head_loss(tmp_path):
+    "TRL's SFTTrainer takes its loss from its fused LM head's log-probabilities, not outputs.loss: refused, not lost."
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from epng.dmep import DMEPCallback
+    torch.manual_seed(0)
+    model, tok = load_nano_dense()
+    callback = DMEPCallback(attach_dmep(model), warmup_steps=2)
+    rows = Dataset.from_list([{"prompt": r["query"], "completion": r["response"]} for r in nano_task(8, seed=0)])
+    args = SFTConfig(str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                     disable_tqdm=True, gradient_checkpointing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, callbacks=[callback])
+    with pytest.raises(EPnGError, match="SFTTrainer"): trainer.train()
+
+
+def test_dmep_refuses_gradient_checkpointing_before_loading():
+    "A recomputed forward would count every assignment twice: the settings check says so before a model loads."
+    from epng.settings import TrainArgs
+    with pytest.raises(EPnGError, match="dmep runs without gradient_checkpointing"):
+        TrainArgs(method="dmep", gradient_checkpointing=True).resolved()
