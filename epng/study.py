@@ -193,14 +193,20 @@ def plot_study(study: dict, key: str = "flexible", figsize=(13, 3.2)):
         axes[0].errorbar(i, m, yerr=0 if math.isnan(h) else h, color="black", capsize=3)
         axes[0].scatter([i] * len(cell), list(cell.values()), color="black", s=8, zorder=3)
     axes[0].set_xticks(range(len(main)), list(main), rotation=30); axes[0].set_ylabel(f"exact match ({key})")
+    static = main.get("static")
     for ax, knob in zip(axes[1:], sweeps):
         for variant, color in (("static", "tab:gray"), ("epng", "tab:blue")):
-            points = sorted((v, mean_ci(c.values())) for (g, v, var), c in cells.items() if g == knob and var == variant)
+            points = sorted((v, c) for (g, v, var), c in cells.items() if g == knob and var == variant)
             if not points: continue
-            xs, ms, hs = [p[0] for p in points], [p[1][0] for p in points], [0 if math.isnan(p[1][1]) else p[1][1] for p in points]
-            ax.errorbar(xs, ms, yerr=hs, marker="o", color=color, capsize=3, label=variant)
+            stats = [mean_ci(c.values()) for _, c in points]
+            xs = [v for v, _ in points]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o",
+                        color=color, capsize=3, label=variant)
+            for v, c in points: ax.scatter([v] * len(c), list(c.values()), color=color, s=6, alpha=0.5)
+        if knob != "rank" and static: ax.axhline(statistics.mean(static.values()), color="tab:gray", ls="--", lw=1)
         ax.set_title({"fraction": "α = β", "importance_decay": "λ", "cycle_interval": "T_p", "rank": "r0"}[knob])
-        if knob == "rank": ax.set_xscale("log", base=2); ax.legend(fontsize=8)
+        ax.set_ylim(0, 1.02); ax.set_xticks(sorted({v for (g, v, _) in cells if g == knob}))
+        if knob == "rank": ax.set_xscale("log", base=2); ax.set_xticks(SWEEPS["rank"], SWEEPS["rank"]); ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -6,13 +6,17 @@ generically), gives the routers learned-looking weights, and records: the router
 works (or the reason it refuses), whether epng's importance agrees with an independent computation from the routing
 of the same forward (the router's outputs; for a router that returns only logits, the choice its block hands the
 experts), whether the merged model equals the adapted one, whether a prune-and-grow cycle keeps the rank budget,
-and whether the peft export reloads to the same logits. It writes the table to docs/coverage.md.
+and whether the peft export reloads to the same logits. Then it builds the family at its DEFAULT config size (its
+config class's defaults, for most families the released model's shape) on the meta device, where no weight takes
+memory, and records the MoE layers found, their (E, H, I), whether `epng.attach` takes them and the share of the base
+parameters rank-8 LoRA trains; the same for the modules with fused experts but no causal-LM class, on their
+ForConditionalGeneration class. It writes the table to docs/coverage.md.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/coverage.py                    # every family
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/coverage.py --families olmoe gpt_oss --out /tmp/c.md
 """
 from __future__ import annotations
-import argparse, copy, datetime, importlib, inspect, re, sys, tempfile, time, warnings
+import argparse, collections, contextlib, copy, datetime, importlib, inspect, re, sys, tempfile, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,7 @@ if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
 import epng
 from epng.gates import GateCollector
 from epng.checkpoint import export_peft
+from epng.lora import ExpertLoRA
 
 COMMAND = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/coverage.py"
 UP_ONLY_TARGETS = ("up_proj", "down_proj")   # for experts without a gate (Nemotron-H), which refuse gate_proj
@@ -329,6 +334,9 @@ class Row:
     cycle: str = ""
     peft: str = ""
     faithful: bool | None = None      # None: importance was not checked (no attach)
+    default_size: str = ""            # the default-size model on the meta device: ok (...) / refused: ... / could not build
+    default_refusal: str = ""         # the error class of a refusal there
+    default_shapes: list = field(default_factory=list)   # (E, H, I) of every MoE layer found there
     notes: list = field(default_factory=list)
 
 def first_sentence(message: str) -> str:
@@ -504,13 +512,115 @@ def router_note(model, message: str) -> str | None:
                      + ", ".join(str(tuple(p.shape)) for _, p in c.named_parameters() if p.dim() == 2)
                      for n, c in routers)
 
-# --- 5. the table ---------------------------------------------------------------------------------------------------
+# --- 5. the family's default size, on the meta device ---------------------------------------------------------------
+
+# Families whose defaults cannot be built as they are, even with unset sizes filled; each entry says why.
+DEFAULT_OVERRIDES: dict = {
+    # the defaults leave layer_types None, which the modeling code indexes per layer: conv and attention alternate
+    "lfm2_moe": lambda d: dict(layer_types=[("conv", "full_attention")[i % 2] for i in range(d["num_hidden_layers"])]),
+    # the QSA indexer of 'indexed_attention' layers is unset, which the modeling code divides by: the tiny path's
+    # sizes, with an index head as wide as the rotary part of the attention head (the config requires it to fit)
+    "qwen4_exp_text": lambda d: dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_budget=8, indexer_compress_ratio=2,
+                                     indexer_head_dim=int(d["head_dim"] * _partial_rotary(d))),
+}
+
+def default_config(family: str):
+    """`(config, filled)`: the config of `family` with its own defaults (for most families the released model's shape),
+    and `{field: value}` of what had to be filled for it to build: a MoE switched off by default is switched on, a
+    size left unset (None) gets the tiny path's value (a head_dim: hidden / heads)."""
+    defaults = AutoConfig.for_model(family).to_dict()
+    filled = {k: _shrunk(k, v) for k, v in defaults.items() if v is None or v is False}
+    filled = {k: v for k, v in filled.items() if v is not None and v is not False}
+    hidden, heads = defaults.get("hidden_size"), defaults.get("num_attention_heads")
+    if "head_dim" in filled and isinstance(hidden, int) and isinstance(heads, int): filled["head_dim"] = hidden // heads
+    filled.update(DEFAULT_OVERRIDES.get(family, lambda d: {})(defaults))
+    return AutoConfig.for_model(family, **filled), filled
+
+def meta_causal_lm(family: str, config):
+    "The causal LM of `family` for `config` on the meta device (every shape, no memory), as build_model picks its class."
+    cls, auto = causal_lm_class(family, type(config), modeling_module(family))
+    if auto: return epng.moe.meta_model(config)
+    with torch.device("meta"): return cls._from_config(config)
+
+@contextlib.contextmanager
+def starting_ranks_on_meta(rank: int):
+    """Let `attach` finish on the meta device. The handle reads each layer's ranks by counting `slot_owner`, which a meta
+    tensor cannot do; a new pool gives every expert `rank` slots (ExpertLoRA.__init__), so on meta that is the answer."""
+    counted = ExpertLoRA.ranks
+    ExpertLoRA.ranks = property(lambda self: torch.full((self.num_experts,), rank) if self.slot_owner.is_meta
+                                else counted.fget(self))
+    try: yield
+    finally: ExpertLoRA.ranks = counted
+
+def _shapes(layers) -> str:
+    "MoE layers grouped by (E, H, I), in order of first appearance: '27 × (64, 2560, 1536), 1 × (...)'."
+    counts = collections.Counter((l.num_experts, l.hidden_size, l.intermediate_size) for l in layers)
+    return ", ".join(f"{n} × ({e}, {h}, {i})" for (e, h, i), n in counts.items())
+
+def generation_class(model_type: str):
+    "The `*ForConditionalGeneration` class of a model type without a causal LM (a multimodal one), or None."
+    module, config_class = modeling_module(model_type), type(AutoConfig.for_model(model_type))
+    return next((c for n, c in vars(module or object).items() if inspect.isclass(c) and n.endswith(
+        "ForConditionalGeneration") and "PreTrained" not in n and getattr(c, "config_class", None) is config_class), None)
+
+def check_other(model_type: str) -> Row:
+    "The default-size check of a module with fused experts but no causal-LM class, on its ForConditionalGeneration."
+    row = Row(model_type)
+    try: cls = generation_class(model_type)
+    except Exception as e: cls, row.default_size = None, f"could not build: {type(e).__name__}: {first_sentence(e)}"
+    if cls is None: row.default_size = row.default_size or "not checked: no ForConditionalGeneration class"
+    else: row.built_with = cls.__name__; check_default_size(row, cls)
+    return row
+
+def _short(value) -> str:
+    "A config value for a note: a long per-layer list by its first entries and its length."
+    return f"[{', '.join(map(repr, value[:2]))}, … ({len(value)} entries)]" if isinstance(value, list) and len(value) > 4 \
+        else repr(value)
+
+def check_default_size(row: Row, model_class=None) -> None:
+    """`epng.attach` with the default EPnGConfig on the family's default-size model, built on the meta device (its
+    causal LM, or `model_class`): the MoE layers found and their (E, H, I), attach's verdict, and the share of the base
+    parameters rank-8 LoRA trains."""
+    try:
+        config, filled = default_config(row.family)
+        if model_class is None: model = meta_causal_lm(row.family, config)
+        else:
+            with torch.device("meta"): model = model_class._from_config(config)
+    except Exception as e:
+        row.default_size = f"could not build: {type(e).__name__}: {first_sentence(e)}"; return
+    if filled: row.notes.append(f"default size: the defaults leave {', '.join(filled)} unset or off; built with "
+                                + ", ".join(f"{k}={_short(v)}" for k, v in filled.items()))
+    real = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta]
+    if real: row.notes.append(f"default size: {len(real)} tensors are not on the meta device ({', '.join(real[:3])})")
+    try: layers = epng.find_moe_layers(model)
+    except epng.EPnGError as e:
+        row.default_size, row.default_refusal = f"refused: {first_sentence(e)}", type(e).__name__; return
+    row.default_shapes = [(l.num_experts, l.hidden_size, l.intermediate_size) for l in layers]
+    base, settings = epng.moe.count_parameters(model), epng.EPnGConfig()
+    if any(l.gate_up_layout == "up only" for l in layers): settings = epng.EPnGConfig(targets=UP_ONLY_TARGETS)
+    found = f"{_shapes(layers)}; {base / 1e9:.1f} B"
+    try:
+        with starting_ranks_on_meta(settings.rank):
+            handle = epng.attach(model, settings)
+            counted = handle.num_trainable()
+    except epng.EPnGError as e:
+        row.default_size = f"refused: {first_sentence(e)} ({found})"; row.default_refusal = type(e).__name__; return
+    except Exception as e:
+        row.default_size = f"**attach crashes**: {type(e).__name__}: {first_sentence(e)} ({found})"; return
+    trained = epng.moe.lora_parameters(handle.layers, settings.rank, settings.targets)
+    if counted != trained:
+        row.notes.append(f"default size: the handle counts {counted:,} trainable parameters, "
+                         f"the layers' shapes {trained:,}")
+    on = "" if settings.targets == epng.EPnGConfig().targets else " (up+down)"
+    row.default_size = f"ok ({found}; {trained / base:.2%}{on})"
+
+# --- 6. the table ---------------------------------------------------------------------------------------------------
 
 COLUMNS = [("family", "family"), ("router", "router kind (epng)"), ("reference_router", "router kind (reference)"),
            ("attach", "attach"), ("gate", "importance 'gate' faithful"),
            ("selection", "importance 'selection' faithful"), ("weight", "importance 'weight' faithful"),
            ("departure", "selection departs from gate"), ("merged", "merged equality"), ("cycle", "cycle keeps budget"),
-           ("peft", "peft export")]
+           ("peft", "peft export"), ("default_size", "default size (meta)")]
 
 def summary(rows: list[Row]) -> list[str]:
     attached = [r for r in rows if r.attach.startswith("ok")]
@@ -540,9 +650,36 @@ def summary(rows: list[Row]) -> list[str]:
     problems = [f"{r.family} ({name})" for r in attached for name in ("merged", "cycle", "peft")
                 if not getattr(r, name).startswith(("ok", "exported"))]
     lines.append("Merge, cycle or peft export failing: " + (", ".join(problems) if problems else "none") + ".")
+    return lines + default_summary(rows)
+
+def default_summary(rows: list[Row]) -> list[str]:
+    "What the default-size check found: attached, refused by reason, unbuilt, MoE layers of different shapes."
+    checked = [r for r in rows if r.default_size]
+    if not checked: return []
+    ok = [r for r in checked if r.default_size.startswith("ok")]
+    refused = {}
+    for r in checked:
+        if r.default_size.startswith("refused"):
+            refused.setdefault(re.sub(r" \(\d+ × .*\)$", "", r.default_size.removeprefix("refused: ")), []).append(r.family)
+    unbuilt = [r.family for r in checked if r.default_size.startswith("could not build")]
+    crashed = [r.family for r in checked if r.default_size.startswith("**attach crashes")]
+    mixed = [r.family for r in checked if len(set(r.default_shapes)) > 1]
+    by_count = [r.family for r in checked if len({e for e, _, _ in r.default_shapes}) > 1]
+    lost = [r.family for r in checked if r.attach.startswith("ok") and not r.default_size.startswith("ok")]
+    lines = ["", f"**At default size, on the meta device: {len(ok)} of {len(checked)} families attach; refused: "
+             f"{sum(map(len, refused.values()))}; could not be built: {len(unbuilt)}"
+             + (f"; attach crashes on {len(crashed)}: {', '.join(crashed)}" if crashed else "") + ".**", ""]
+    if refused:
+        lines.append("Refusals at default size, by reason:")
+        lines += [f"- {reason} — {', '.join(fams)}" for reason, fams in refused.items()]
+        lines.append("")
+    if unbuilt: lines.append(f"Could not be built at default size: {', '.join(unbuilt)}.")
+    lines.append("MoE layers of different (E, H, I) at default size: " + (", ".join(mixed) or "none")
+                 + "; of different numbers of experts (which attach refuses): " + (", ".join(by_count) or "none") + ".")
+    lines.append("Attach at tiny size but not at default size: " + (", ".join(lost) or "none") + ".")
     return lines
 
-def markdown(rows: list[Row], skipped: dict[str, str], command: str, seconds: float) -> str:
+def markdown(rows: list[Row], skipped: dict[str, str], command: str, seconds: float, others=()) -> str:
     cell = lambda v: str(v).replace("|", "\\|") or "—"
     table = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     table += ["| " + " | ".join(cell(getattr(r, k)) for k, _ in COLUMNS) + " |" for r in rows]
@@ -569,12 +706,29 @@ def markdown(rows: list[Row], skipped: dict[str, str], command: str, seconds: fl
         "left out). *Merged "
         "equality*: max |Δlogits| / max |logits| of `handle.merged_model()` against the adapted model after one "
         "cycle and random B factors (≤ 1e-5). *peft export*: `export_peft`, then the same after reloading with "
-        "peft (≤ 1e-4).", "",
+        "peft (≤ 1e-4). *Default size (meta)*: the family's config with its own defaults (for most families the "
+        "released model's shape; a MoE switched off by default is switched on and sizes left unset are filled, "
+        "see the notes), built on the meta device, so that no weight takes memory, and `epng.attach` with the "
+        "default EPnGConfig (rank 8 on gate_proj and up_proj); the cell gives the MoE layers found grouped by "
+        "(E experts, H hidden, I expert intermediate), the base model's parameters, and the share of them that "
+        "rank-8 LoRA on every expert trains.", "",
         *summary(rows), "", *table, "",
         *(["Notes:", *notes, ""] if notes else []),
-        *(["Modules with fused experts that are not in the table:",
-           *[f"- {m}: {why}" for m, why in skipped.items()], ""] if skipped else []),
+        *(["Modules with fused experts that are not in the table, and their default size (meta) where they have a "
+           "ForConditionalGeneration class:",
+           *[f"- {m}: {why}" + ("" if m not in others else "; default size (meta"
+                                 + (f", {others[m].built_with}" if others[m].built_with else "")
+                                 + f"): {others[m].default_size}") for m, why in skipped.items()],
+           *other_summary(others.values()), ""] if skipped else []),
     ])
+
+def other_summary(others) -> list[str]:
+    "Which of the modules not in the table have MoE layers of different (E, H, I) at default size, and the notes."
+    mixed = [r.family for r in others if len(set(r.default_shapes)) > 1]
+    by_count = [r.family for r in others if len({e for e, _, _ in r.default_shapes}) > 1]
+    return ["", "Of these, MoE layers of different (E, H, I) at default size: " + (", ".join(mixed) or "none")
+            + "; of different numbers of experts: " + (", ".join(by_count) or "none") + ".",
+            *[f"- {r.family}: {n}" for r in others for n in r.notes]]
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -589,11 +743,13 @@ def main(argv=None):
         for family in families:
             t = time.time()
             rows.append(check_family(family))
+            check_default_size(rows[-1])
             print(f"{family:28s} {time.time() - t:5.1f}s  {rows[-1].attach[:70]}", file=sys.stderr, flush=True)
+        others = {m: check_other(m) for m in skipped}
     finally: transformers.logging.set_verbosity(verbosity)
     command = COMMAND + (f" --families {' '.join(args.families)}" if args.families else "")
     out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(rows, skipped, command, time.time() - start) + "\n", encoding="utf-8")
+    out.write_text(markdown(rows, skipped, command, time.time() - start, others) + "\n", encoding="utf-8")
     print("\n".join(summary(rows)), file=sys.stderr)
     return rows
 

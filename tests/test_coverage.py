@@ -1,9 +1,9 @@
 "The coverage table (scripts/coverage.py): one family per router kind and layout here, every family with EPNG_SLOW=1."
-import functools, importlib.util, os, sys, types
+import collections, functools, importlib.util, os, sys, types
 from pathlib import Path
 import pytest
 import torch
-from transformers import CONFIG_MAPPING, __version__ as TRANSFORMERS
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, __version__ as TRANSFORMERS
 from epng.gates import GateCollector
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "coverage.py"
@@ -94,6 +94,36 @@ def test_the_table_says_what_was_run(subset):
     n = len(PRESENT)
     assert f"{n} of {n} families attach; refused: 0;" in text and "Importance NOT faithful to the router: none." in text
     assert all(text.count(f"| {family} |") == 1 for family in PRESENT)
+
+
+def test_the_default_size_column_says_what_the_meta_model_has(subset):
+    "Every family is attached at its default size on the meta device; DeepSeek-V3's cell is its config's own shapes."
+    rows, text = subset
+    assert "| default size (meta) |" in text
+    assert all(r.default_size.startswith("ok (") for r in rows.values()), {f: r.default_size for f, r in rows.items()}
+    assert not [n for r in rows.values() for n in r.notes if "not on the meta device" in n]   # no weight in memory
+    c = AutoConfig.for_model("deepseek_v3")
+    n, shape = c.num_hidden_layers - c.first_k_dense_replace, (c.n_routed_experts, c.hidden_size, c.moe_intermediate_size)
+    with torch.device("meta"): base = sum(p.numel() for p in AutoModelForCausalLM.from_config(c).parameters())
+    lora = n * c.n_routed_experts * 8 * 2 * (c.hidden_size + c.moe_intermediate_size)   # rank 8 on gate and up
+    row = rows["deepseek_v3"]
+    assert row.default_shapes == [shape] * n
+    assert row.default_size == f"ok ({n} × {shape}; {base / 1e9:.1f} B; {lora / base:.2%})", row.default_size
+
+
+@pytest.mark.skipif(lacking("ernie4_5_vl_moe") is not None, reason=lacking("ernie4_5_vl_moe") or "")
+def test_experts_of_different_widths_attach_at_default_size(coverage):
+    """Ernie 4.5-VL (not in the table: no causal-LM class) has text and vision experts of different widths in every
+    sparse layer: at its default size the check finds both and attach takes them (their budget counts parameters)."""
+    row = coverage.check_other("ernie4_5_vl_moe")
+    text = AutoConfig.for_model("ernie4_5_vl_moe").get_text_config()
+    sparse = text.mlp_layer_types.count("sparse")
+    shapes = [(text.moe_num_experts, text.hidden_size, i) for i in text.moe_intermediate_size]
+    assert len(set(shapes)) == 2 and collections.Counter(row.default_shapes) == dict.fromkeys(shapes, sparse)
+    assert row.default_size.startswith("ok (") and all(f"{sparse} × {s}" in row.default_size for s in shapes), \
+        row.default_size
+    assert "Of these, MoE layers of different (E, H, I) at default size: ernie4_5_vl_moe;" in "\n".join(
+        coverage.other_summary([row]))
 
 
 def test_a_reading_that_disagrees_is_listed(coverage, monkeypatch):
