@@ -90,7 +90,7 @@ def pretrain_nano(out_dir, steps: int = 1000, seed: int = 0, batch_size: int = 8
 # %% ../nbs/03_nano.ipynb #103246ea
 NANO_MODEL_DIR = "nano_model"
 NANO_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "pretraining.json", "comparison.json")  # the last one: the methods compared on it (notebook 15)
+              "pretraining.json", "comparison.json", "study.json")  # the last two: the methods compared on it (15, 15a)
 
 def nano_model_path() -> Path:
     "The folder of the nano model shipped inside the package."

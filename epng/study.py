@@ -4,7 +4,7 @@
 
 # %% ../nbs/15a_study.ipynb #bd2908be
 from __future__ import annotations
-import json, math, platform, statistics, tempfile, time
+import json, math, platform, statistics, tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import fields
 from multiprocessing import get_context
@@ -19,7 +19,7 @@ from .compare import run_method, write_nano_rows
 
 # %% auto #0
 __all__ = ['STUDY_SETTINGS', 'STUDY_DATA', 'VARIANTS', 'SWEEPS', 'SWEPT', 'T975', 'QUICK', 'knob_settings', 'study_jobs',
-           'run_key', 'run_study', 'mean_ci', 'study_cells', 'paired_difference', 'verdict', 'study_table',
+           'run_key', 'run_study', 'mean_ci', 'study_cells', 'paired_difference', 'verdict', 'main_rows', 'study_table',
            'study_markdown', 'plot_study', 'load_study']
 
 # %% ../nbs/15a_study.ipynb #3332c3cd
@@ -146,36 +146,37 @@ def verdict(mean: float, half: float) -> str:
     return "better" if mean - half > 0 else "worse" if mean + half < 0 else "not resolved"
 
 # %% ../nbs/15a_study.ipynb #4da0c27b
-def study_table(study: dict, key: str = "flexible") -> str:
-    "The main table: per variant, seeds, mean ± 95 % half-width, trainable share, and the paired difference from static."
+def main_rows(study: dict, key: str = "flexible") -> list[dict]:
+    "One row per variant of the main table: seeds, mean and half-width, share, and the paired difference from static."
     cells = study_cells(study, key)
     share = {j["variant"]: study["runs"][j["key"]]["share"] for j in study["jobs"]
              if j["group"] == "main" and j["key"] in study["runs"]}
-    reference = cells.get(("main", None, "static"), {})
-    lines = [f"{'variant':<11} {'seeds':>5}  {key + ' exact match':<22} {'share':>7}  {'minus static (paired)':<22} verdict"]
+    reference, rows = cells.get(("main", None, "static"), {}), []
     for (group, _, variant), cell in cells.items():
         if group != "main": continue
-        m, h = mean_ci(cell.values())
         d, dh, n = paired_difference(cell, reference) if variant != "static" else (math.nan, math.nan, 0)
+        rows.append(dict(variant=variant, seeds=len(cell), ci=mean_ci(cell.values()), share=share[variant],
+                         diff=(d, dh, n), verdict=verdict(d, dh) if n else ""))
+    return rows
+
+def study_table(study: dict, key: str = "flexible") -> str:
+    "The main table as text: per variant, seeds, mean ± 95 % half-width, share, and the paired difference from static."
+    lines = [f"{'variant':<11} {'seeds':>5}  {key + ' exact match':<22} {'share':>7}  {'minus static (paired)':<22} verdict"]
+    for r in main_rows(study, key):
+        (m, h), (d, dh, n) = r["ci"], r["diff"]
         diff = f"{d:+6.1%} ± {dh:5.1%} (n={n})" if n else ""
-        lines.append(f"{variant:<11} {len(cell):>5}  {m:6.1%} ± {h:5.1%}{'':<8} {share[variant]:7.3%}  {diff:<22} "
-                     f"{verdict(d, dh) if n else ''}")
+        lines.append(f"{r['variant']:<11} {r['seeds']:>5}  {m:6.1%} ± {h:5.1%}{'':<8} {r['share']:7.3%}  {diff:<22} "
+                     f"{r['verdict']}")
     return "\n".join(lines)
 
 # %% ../nbs/15a_study.ipynb #7b59e905
 def study_markdown(study: dict, key: str = "flexible") -> str:
     "The main table in Markdown: mean ± 95 % half-width over seeds, share, and the paired difference from static."
-    cells = study_cells(study, key)
-    share = {j["variant"]: study["runs"][j["key"]]["share"] for j in study["jobs"]
-             if j["group"] == "main" and j["key"] in study["runs"]}
-    reference = cells.get(("main", None, "static"), {})
     rows = ["| variant | seeds | exact match | share | minus static, paired | |", "|---|---|---|---|---|---|"]
-    for (group, _, variant), cell in cells.items():
-        if group != "main": continue
-        m, h = mean_ci(cell.values())
-        d, dh, n = paired_difference(cell, reference) if variant != "static" else (math.nan, math.nan, 0)
-        rows.append(f"| {variant} | {len(cell)} | {m:.1%} ± {h:.1%} | {share[variant]:.2%} | "
-                    + (f"{d:+.1%} ± {dh:.1%} | {verdict(d, dh)} |" if n else "— | |"))
+    for r in main_rows(study, key):
+        (m, h), (d, dh, n) = r["ci"], r["diff"]
+        rows.append(f"| {r['variant']} | {r['seeds']} | {m:.1%} ± {h:.1%} | {r['share']:.2%} | "
+                    + (f"{d:+.1%} ± {dh:.1%} | {r['verdict']} |" if n else "— | |"))
     return "\n".join(rows)
 
 # %% ../nbs/15a_study.ipynb #ac77a257

@@ -637,10 +637,7 @@ def summary(rows: list[Row]) -> list[str]:
     lines = [f"**{len(attached)} of {len(rows)} families attach; refused: {sum(map(len, refused.values()))}; "
              f"could not be built at tiny size: {len(unbuilt)}"
              + (f"; attach crashes on {len(crashed)}: {', '.join(crashed)}" if crashed else "") + ".**", ""]
-    if refused:
-        lines.append("Refusals, by reason:")
-        lines += [f"- {reason} — {', '.join(fams)}" for reason, fams in refused.items()]
-        lines.append("")
+    lines += by_reason(refused, "Refusals, by reason:")
     if no_moe: lines.append(f"**Refused as having no MoE layer although it has fused experts: {', '.join(no_moe)}.**")
     lines.append("Importance NOT faithful to the router: " + (", ".join(unfaithful) if unfaithful else "none") + ".")
     if unchecked: lines.append(f"**Importance could not be checked (the reading crashed): {', '.join(unchecked)}.**")
@@ -651,6 +648,10 @@ def summary(rows: list[Row]) -> list[str]:
                 if not getattr(r, name).startswith(("ok", "exported"))]
     lines.append("Merge, cycle or peft export failing: " + (", ".join(problems) if problems else "none") + ".")
     return lines + default_summary(rows)
+
+def by_reason(refused: dict, title: str) -> list[str]:
+    "`title`, then one line per reason naming its families, then a blank line; nothing if none was refused."
+    return [title, *(f"- {reason} — {', '.join(fams)}" for reason, fams in refused.items()), ""] if refused else []
 
 def default_summary(rows: list[Row]) -> list[str]:
     "What the default-size check found: attached, refused by reason, unbuilt, MoE layers of different shapes."
@@ -669,10 +670,7 @@ def default_summary(rows: list[Row]) -> list[str]:
     lines = ["", f"**At default size, on the meta device: {len(ok)} of {len(checked)} families attach; refused: "
              f"{sum(map(len, refused.values()))}; could not be built: {len(unbuilt)}"
              + (f"; attach crashes on {len(crashed)}: {', '.join(crashed)}" if crashed else "") + ".**", ""]
-    if refused:
-        lines.append("Refusals at default size, by reason:")
-        lines += [f"- {reason} — {', '.join(fams)}" for reason, fams in refused.items()]
-        lines.append("")
+    lines += by_reason(refused, "Refusals at default size, by reason:")
     if unbuilt: lines.append(f"Could not be built at default size: {', '.join(unbuilt)}.")
     lines.append("MoE layers of different (E, H, I) at default size: " + (", ".join(mixed) or "none")
                  + "; of different numbers of experts (which attach refuses): " + (", ".join(by_count) or "none") + ".")
