@@ -521,8 +521,8 @@ class DMEPCallback(TrainerCallback):
         if not model.training: return None
         aux = self.handle.balance_loss()                      # taken in every training forward: none is left over
         weight = self.controller.aux_loss_weight
+        if weight and kwargs.get("fused_lm_head"): raise EPnGError(_FUSED_HEAD)   # TRL's SFTTrainer: not outputs.loss
         if not weight or not isinstance(output, dict) or output.get("loss") is None: return None
-        if kwargs.get("fused_lm_head"): raise EPnGError(_FUSED_HEAD)   # TRL's SFTTrainer: its loss is not outputs.loss
         per_step = self.accumulation if kwargs.get("num_items_in_batch") is not None else 1   # the Trainer divides the rest
         output["loss"] = output["loss"] + weight * aux.to(output["loss"]) / per_step
         return output
