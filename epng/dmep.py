@@ -4,7 +4,7 @@
 
 # %% ../nbs/11c_dmep.ipynb #bb2c9f35
 from __future__ import annotations
-import json, math, warnings
+import json, math
 from importlib import resources
 from pathlib import Path
 import torch
@@ -18,7 +18,7 @@ from .nano import load_local, pretrain_nano
 from .io import JSONFileError, StateFileError, atomic_dir, load_state, read_json, save_state, write_safetensors
 from .lora import lora_dtype
 from .checkpoint import InvalidAdapterError, read_expected_tensors
-from .loop import zero_stage
+from .loop import complete_trainer_checkpoint, zero_stage
 
 # %% auto #0
 __all__ = ['NANO_DENSE_DIR', 'NANO_DENSE_FILES', 'DMEP_TARGETS', 'DMEP_AUX_COEF', 'DMEP_WEIGHTS', 'DMEP_CONFIG',
@@ -609,13 +609,7 @@ def read_dmep_checkpoint(folder) -> dict:
 
 def dmep_checkpoint(path) -> tuple[Path, dict]:
     "`(folder, controller state)`: `path` if it is a `checkpoint-N` folder, else the newest complete one in the output folder `path`."
-    path = Path(path)
-    if path.name.startswith("checkpoint-") and path.name[11:].isdigit(): return path, read_dmep_checkpoint(path)
-    found = sorted((int(p.name[11:]), p) for p in path.glob("checkpoint-*") if p.name[11:].isdigit())
-    for _, folder in reversed(found):
-        try: return folder, read_dmep_checkpoint(folder)
-        except EPnGError as e: warnings.warn(f"skipping {folder.name}: {e}")
-    raise EPnGError(f"{path} holds no Trainer checkpoint with a DMEPCallback state: start the run anew.")
+    return complete_trainer_checkpoint(path, read_dmep_checkpoint, "a DMEPCallback state")
 
 @patch
 def restore(self: DMEPCallback, checkpoint) -> str:

@@ -27,7 +27,7 @@ from fastcore.basics import patch
 __all__ = ['LORA_METHODS', 'ADAPTER_METHODS', 'METHODS', 'EPNG_STATE', 'OLD_EPNG_STATE', 'OLD_FORMAT_HINT', 'GROUP_COLORS',
            'GROUP_NAMES', 'check_method', 'is_cycle_step', 'cycle_steps', 'world_size', 'average_over_processes',
            'cycle_generator', 'grow_only_delta', 'CycleRecord', 'check_controller_state', 'EPnGController',
-           'set_router_aux_loss', 'slot_owners', 'check_ranks', 'check_budget_kept', 'restore_ranks',
+           'set_router_aux_loss', 'slot_owners', 'check_ranks', 'keeps_budget', 'check_budget_kept', 'restore_ranks',
            'read_trainer_checkpoint', 'complete_trainer_checkpoint', 'zero_stage', 'unreachable_state', 'prepare_zero3',
            'EPnGCallback', 'cycle_tables', 'plot_cycle_history', 'importance_groups', 'plot_importance_shift',
            'plot_losses']
@@ -226,13 +226,18 @@ def check_ranks(handle: EPnGHandle, ranks, slot_owner, method: str | None = None
                             "checkpoint is damaged; resume from another one.")
 
 # %% ../nbs/11_loop.ipynb #17b90a64
+def keeps_budget(spent: int, budget: int, costs: list[int] | None, method: str) -> bool:
+    """Do ranks that spend `spent` keep what a `method` run keeps of `budget`? Prune-only frees ranks, grow-only adds
+    them, the others keep it exactly — except EPnG counting parameters (`costs` per layer), which may be short by less
+    than one rank: a remainder carried to the next cycle."""
+    slack = 0 if costs is None else max(costs) - 1
+    return {"epng": budget - slack <= spent <= budget, "prune_only": spent <= budget,
+            "grow_only": spent >= budget}.get(method, spent == budget)
+
 def check_budget_kept(handle: EPnGHandle, ranks: torch.Tensor, method: str | None = None) -> None:
     "Raise unless `ranks` spend what a `method` run keeps of `handle.budget` (in ranks, or in parameters)."
     total, budget, costs = handle.budget_used(ranks), handle.budget, handle.rank_costs
-    slack = 0 if costs is None else max(costs) - 1          # in parameters: a remainder carried to the next cycle
-    keeps = {"static": total == budget, "epng": budget - slack <= total <= budget, "prune_only": total <= budget,
-             "grow_only": total >= budget}   # prune-only frees ranks, grow-only adds them; the others move them
-    if method is not None and not keeps[check_method(method, LORA_METHODS)]:
+    if method is not None and not keeps_budget(total, budget, costs, check_method(method, LORA_METHODS)):
         rule = {"prune_only": "cannot rise above", "grow_only": "cannot fall below"}.get(method, "keeps")
         spent, unit = ("sum to", "") if costs is None else ("spend", " parameters")
         raise EPnGError(f"the checkpoint's ranks {spent} {total}{unit}, but a {method} run {rule} its budget of "
@@ -263,22 +268,23 @@ def read_trainer_checkpoint(folder) -> dict:
         raise StateFileError(f"{folder / EPNG_STATE} does not hold an EPnGCallback state.")
     return state
 
-def complete_trainer_checkpoint(path) -> tuple[Path, dict]:
-    """`(folder, state)` of the checkpoint to resume from: `path` itself if it is a checkpoint, else the newest
-    complete `checkpoint-N` in the output folder `path`, warning about each newer one it skipped and why."""
+def complete_trainer_checkpoint(path, read=read_trainer_checkpoint, what: str = "epng state") -> tuple[Path, dict]:
+    """`(folder, read(folder))` of the checkpoint to resume from: `path` itself if it is a checkpoint, else the newest
+    complete `checkpoint-N` in the output folder `path`, warning about each newer one it skipped and why. `read` says
+    what complete means (a callback's own state: EPnGCallback's here, DMEPCallback's in notebook 11c)."""
     path = Path(path)
     if not path.name.startswith("checkpoint-") or not path.name[11:].isdigit():
         found = sorted((int(p.name[11:]), p) for p in path.glob("checkpoint-*") if p.name[11:].isdigit())
         for _, folder in reversed(found):
-            try: return folder, read_trainer_checkpoint(folder)
+            try: return folder, read(folder)
             except EPnGError as e: warnings.warn(f"skipping {folder.name}: {e}")
-        raise EPnGError(f"{path} holds no complete Trainer checkpoint with epng state: start the run anew.")
-    try: return path, read_trainer_checkpoint(path)
+        raise EPnGError(f"{path} holds no complete Trainer checkpoint with {what}: start the run anew.")
+    try: return path, read(path)
     except EPnGError as e:
         older = sorted((int(p.name[11:]), p) for p in path.parent.glob("checkpoint-*")
                        if p.name[11:].isdigit() and int(p.name[11:]) < int(path.name[11:]))
         for _, folder in reversed(older):
-            try: read_trainer_checkpoint(folder)
+            try: read(folder)
             except EPnGError: continue
             raise EPnGError(f"{e} The newest complete checkpoint before it is {folder}: restore that, or give "
                             f"restore() the output folder {path.parent} and it picks it.") from None

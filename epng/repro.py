@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from .moe import EPnGError, PAPER_MODELS, offline_config, meta_model, find_moe_layers, count_parameters
 from .train import TrainArgs, train, load_model_and_tokenizer
+from .loop import keeps_budget
 from .data import byte_tokenizer, byte_model_ids, read_json_rows
 from .eval import load_eval_rows, generate, evaluate_gsm8k, evaluate_math, evaluate_general, local_task_configs
 from .judge import pairwise_win_rate
@@ -311,8 +312,8 @@ def budget_exact(result: dict) -> bool:
     controller = result["controller"]
     if controller is None or result["args"].method != "epng": return True
     handle = controller.handle
-    slack = 0 if handle.rank_costs is None else max(handle.rank_costs) - 1
-    return all(handle.budget - slack <= handle.budget_used(r.ranks) <= handle.budget for r in controller.history)
+    return all(keeps_budget(handle.budget_used(r.ranks), handle.budget, handle.rank_costs, "epng")
+               for r in controller.history)
 
 def release_memory() -> None:
     "Give the memory of dropped models back (between full-size runs)."

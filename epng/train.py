@@ -25,7 +25,7 @@ from .samples import nano_task
 from .loop import LORA_METHODS, ADAPTER_METHODS, EPnGController, average_over_processes, plot_cycle_history, plot_losses
 from .methods import METHOD_TUNERS, RANK_RULES, make_method_tuner
 from .dmep import DMEPController, attach_dmep, nano_dense_path, plot_dmep_removal, save_dmep
-from .loop import cycle_steps, check_controller_state, OLD_FORMAT_HINT, restore_ranks, slot_owners
+from .loop import cycle_steps, check_controller_state, OLD_FORMAT_HINT, restore_ranks, slot_owners, keeps_budget
 from .io import JSONFileError, load_state, read_json, save_state
 from .baselines import ESFT_TOP_P, esft_scores, select_esft_experts, attach_esft, FullFineTuning, base_parameter_count
 from .io import atomic_dir, atomic_write_json, remove_stale_temporaries, write_safetensors, is_stale_temporary
@@ -417,14 +417,10 @@ def budget_not_kept(adapter: dict, method: str) -> str | None:
     """Why a saved `adapter`'s ranks are not what a `method` run keeps (None if they are): their sum is the budget, or on
     layers of different widths their parameters are, short of it by less than one rank for EPnG (a carried remainder)."""
     costs = adapter_rank_costs(adapter)
-    if costs is None:
-        total = sum(map(sum, adapter["ranks"]))
-        return None if total == adapter["budget"] else (
-            f"its adapter's ranks add up to {total}, but {method} keeps them at the budget {adapter['budget']}")
-    spent = sum(c * sum(row) for c, row in zip(costs, adapter["ranks"]))
-    slack = max(costs) - 1 if method == "epng" else 0
-    if adapter["budget"] - slack <= spent <= adapter["budget"]: return None
-    return f"its adapter's ranks spend {spent} parameters, but {method} keeps them at the budget {adapter['budget']}"
+    spent = sum(c * sum(row) for c, row in zip(costs or [1] * len(adapter["ranks"]), adapter["ranks"]))
+    if keeps_budget(spent, adapter["budget"], costs, method): return None
+    verb, unit = ("add up to", "") if costs is None else ("spend", " parameters")
+    return f"its adapter's ranks {verb} {spent}{unit}, but {method} keeps them at the budget {adapter['budget']}"
 
 def inspect_checkpoint(folder, args: TrainArgs) -> dict:
     """Read and validate everything in the checkpoint `folder` that needs no model: `{folder, state, changes, tuner}`
