@@ -56,12 +56,13 @@ def base_run(test_rows: list[dict], max_new_tokens: int = 96) -> dict:
 def compare(seeds=(0, 1, 2), methods=COMPARED, n_test: int = 200, progress: bool = True, **kwargs) -> list[dict]:
     "The base model, then `run_method` for every method and seed, on the nano task's 2000 training rows and `n_test` test problems."
     test_rows = nano_task(n_test, seed=0, split="test")
-    train_file = write_nano_rows(tempfile.mkdtemp())
     jobs = [(m, s) for m in methods for s in seeds]
     max_new_tokens = kwargs.get("max_new_tokens", 96)
     runs = [base_run(test_rows, max_new_tokens)]
-    for method, seed in tqdm(jobs, desc="methods x seeds", disable=not progress):
-        runs.append(run_method(method, seed, train_file, test_rows, **kwargs))
+    with tempfile.TemporaryDirectory() as folder:   # the training rows, removed when the runs end
+        train_file = write_nano_rows(folder)
+        for method, seed in tqdm(jobs, desc="methods x seeds", disable=not progress):
+            runs.append(run_method(method, seed, train_file, test_rows, **kwargs))
     return runs
 
 # %% ../nbs/15_compare.ipynb #0ab8ff69

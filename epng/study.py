@@ -96,17 +96,18 @@ def run_study(path, seeds: int = 10, sweep_seeds: int = 3, workers: int = 1, var
     for job in jobs: job["key"] = run_key(job, settings, data)
     study["jobs"] = list({json.dumps(j, sort_keys=True): j for j in jobs + study.get("jobs", [])}.values())
     todo = list(dict.fromkeys(j["key"] for j in jobs if j["key"] not in study["runs"]))
-    train_file = str(write_nano_rows(tempfile.mkdtemp(), data["n_train"]))
     by_key = {j["key"]: j for j in jobs}
     bar = tqdm(total=len(todo), desc="study runs", disable=not progress)
     def done(key, run):
         study["runs"][key] = run; atomic_write_json(study, path); bar.update()
-    if workers <= 1:
-        for key in todo: done(key, _run_job(by_key[key], settings, data, train_file))
-    else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_job, by_key[k], settings, data, train_file): k for k in todo}
-            for f in as_completed(futures): done(futures[f], f.result())
+    with tempfile.TemporaryDirectory() as folder:   # the training rows, removed when the runs end
+        train_file = str(write_nano_rows(folder, data["n_train"]))
+        if workers <= 1:
+            for key in todo: done(key, _run_job(by_key[key], settings, data, train_file))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_run_job, by_key[k], settings, data, train_file): k for k in todo}
+                for f in as_completed(futures): done(futures[f], f.result())
     bar.close()
     atomic_write_json(study, path)
     return study
